@@ -1,0 +1,1 @@
+"""Emitter: builds the Keras functional model from the IR and saves it (.keras, SavedModel)."""

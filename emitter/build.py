@@ -1,0 +1,104 @@
+"""Build a Keras functional model from the laid-out IR graph, one rule call per node."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import keras
+import networkx as nx
+
+from emitter.context import Emit
+from op_rules.registry import lookup
+from tracer.errors import ConversionError, TracerError
+from tracer.ir import OpNode, Ref, ordered
+
+_KERAS_DTYPES = {"float32": "float32", "float64": "float32", "float16": "float16", "bfloat16": "bfloat16",
+                 "int64": "int32", "int32": "int32", "bool": "bool"}
+
+
+def build_model(graph: nx.DiGraph, name: str = "converted",
+                progress: Callable[[int, int], None] | None = None) -> tuple[keras.Model, Emit]:
+    ctx = Emit(graph)
+    inputs: list[Any] = []
+    nodes = ordered(graph)
+    outputs = None
+    for k, node in enumerate(nodes):
+        if progress is not None:
+            progress(k + 1, len(nodes))
+        if node.kind == "placeholder":
+            t = keras.Input(shape=node.layout.keras_shape(node.shape)[1:], name=node.name,
+                            dtype=_KERAS_DTYPES.get(node.dtype or "float32", "float32"))
+            ctx.tensors[node.name] = t
+            inputs.append(t)
+            ctx.anchor = ctx.anchor if ctx.anchor is not None else t
+        elif node.is_constant:
+            continue
+        elif node.kind == "output":
+            outputs = _outputs(node, ctx)
+        else:
+            ctx.tensors[node.name] = _emit_node(node, ctx)
+    model = keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs, outputs=outputs, name=_model_name(name))
+    return model, ctx
+
+
+def _emit_node(node: OpNode, ctx: Emit) -> Any:
+    r = lookup(node.target)
+    if r is None:  # check_supported runs first; this is a guard against a pass adding nodes
+        raise ConversionError(f"no rule for {node.describe()}")
+    try:
+        out = r(node, ctx)
+    except TracerError:
+        raise
+    except Exception as exc:
+        raise ConversionError(f"while converting {node.describe()} with rule {r.name}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    check_shape(node, out)
+    return out
+
+
+def check_shape(node: OpNode, out: Any) -> None:
+    """The rule's result must have PyTorch's shape, permuted by the node's layout."""
+    if node.shape is None:
+        if node.structure is not None:
+            if not isinstance(out, (tuple, list)) or len(out) != len(node.structure):
+                raise ConversionError(f"rule for {node.describe()} returned {type(out).__name__}, "
+                                      f"expected {len(node.structure)} tensors")
+        return
+    got = tuple(out.shape)
+    want = _expected(node)
+    if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got[1:], want[1:])):
+        raise ConversionError(f"rule for {node.describe()} made shape {got}, expected {want} "
+                              f"(PyTorch shape {node.shape} in layout {node.layout.perm}"
+                              f"{' flattened' if node.layout.flat else ''})")
+
+
+def _expected(node: OpNode) -> tuple:
+    phys = node.layout
+    if phys.flat is not None:
+        return (*[node.shape[p] for p in phys.perm[:-1]], node.shape[-1])
+    return phys.keras_shape(node.shape)
+
+
+def _outputs(node: OpNode, ctx: Emit) -> Any:
+    flat: list[Any] = []
+    layouts = dict(zip(node.inputs, node.in_layouts))
+
+    def walk(v: Any) -> None:
+        if isinstance(v, Ref):
+            src = ctx.graph.nodes[v.name]["op"]
+            if src.is_constant:
+                raise ConversionError(f"output {v.name} does not depend on the inputs; "
+                                      "a constant output is not supported")
+            flat.append(ctx.convert(src, layouts[v.name], reason="model output"))
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+
+    walk(node.args[0])
+    return flat[0] if len(flat) == 1 else flat
+
+
+def _model_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "converted"

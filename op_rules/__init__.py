@@ -1,0 +1,17 @@
+"""Op rules: how each PyTorch operation becomes Keras. One module per op family.
+
+Public API for users adding their own layers::
+
+    from op_rules import rule, Layout
+    from tracer.ir import OpNode
+
+    @rule(MyLayer, layout=Layout.ANY)
+    def my_layer(node: OpNode, ctx) -> "KerasTensor":
+        return keras.ops.tanh(ctx.input(node, 0)) * node.module.scale
+"""
+from op_rules.registry import Layout, Rule, all_targets, lookup, register, rule, unregister
+
+# rule families register themselves on import
+from op_rules import activation, conv, elementwise, linear, norm, pooling, reduce, resize, shape  # noqa: E402,F401
+
+__all__ = ["Layout", "Rule", "all_targets", "lookup", "register", "rule", "unregister"]

@@ -1,0 +1,118 @@
+"""Elementwise arithmetic with broadcasting, Python scalars and constant tensors."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import keras
+import numpy as np
+import torch
+
+from emitter import layers as L
+from emitter.context import Emit
+from op_rules.registry import Layout, register, rule
+from tracer.ir import OpNode, Ref
+
+_BINARY = {
+    "add": (operator.add, operator.iadd, torch.add, "add", "add_"),
+    "subtract": (operator.sub, operator.isub, torch.sub, torch.subtract, "sub", "sub_"),
+    "multiply": (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_"),
+    "divide": (operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide, "div", "div_"),
+    "power": (operator.pow, torch.pow, "pow"),
+    "maximum": (torch.maximum, "maximum"),
+    "minimum": (torch.minimum, "minimum"),
+    "floor_divide": (operator.floordiv, torch.floor_divide, "floor_divide"),
+    "mod": (operator.mod, torch.remainder, "remainder"),
+}
+
+
+def _operand(node: OpNode, ctx: Emit, v: Any) -> Any:
+    if isinstance(v, Ref):
+        i = ctx.index_of(node, v)
+        x = ctx.input(node, i)
+        if isinstance(x, np.ndarray) and x.size == 1:
+            return float(x.reshape(()))
+        return x
+    if isinstance(v, bool):
+        return float(v)
+    return float(v) if isinstance(v, (int, float)) else v
+
+
+def _binary(kname: str):
+    def fn(node: OpNode, ctx: Emit) -> Any:
+        args = list(node.args[:2])
+        if len(args) < 2:
+            args.append(node.kw.get("other"))
+        a, b = (_operand(node, ctx, v) for v in args)
+        alpha = node.kw.get("alpha", 1)
+        if alpha not in (1, None):
+            b = b * float(alpha) if not isinstance(b, keras.KerasTensor) else keras.ops.multiply(b, float(alpha))
+        mode = node.kw.get("rounding_mode")
+        if kname == "divide" and mode is not None:
+            if mode != "floor":
+                raise ValueError(f"division with rounding_mode={mode!r} is not supported")
+            return _apply(node, ctx, "floor_divide", a, b)
+        return _apply(node, ctx, kname, a, b)
+
+    fn.__name__ = f"binary_{kname}"
+    return fn
+
+
+def _apply(node: OpNode, ctx: Emit, kname: str, a: Any, b: Any) -> Any:
+    ka, kb = isinstance(a, keras.KerasTensor), isinstance(b, keras.KerasTensor)
+    if ka and kb:
+        return getattr(keras.ops, kname)(a, b)
+    if not ka and not kb:
+        raise ValueError("neither operand depends on the model inputs")
+    tensor, other = (a, b) if ka else (b, a)
+    if isinstance(other, np.ndarray):
+        layer = L.ConstBinary(kname, other.shape, const_first=not ka, name=ctx.name(node),
+                              value_dtype=str(other.dtype) if other.dtype != np.float64 else "float32")
+        out = layer(tensor)
+        L.set_value(layer, "value", other)
+        return out
+    return getattr(keras.ops, kname)(a, b)
+
+
+for _name, _targets in _BINARY.items():
+    register(tuple(dict.fromkeys(_targets)), _binary(_name), Layout.ANY)
+
+_UNARY = {
+    "negative": (operator.neg, torch.neg, "neg"), "abs": (torch.abs, "abs", operator.abs),
+    "exp": (torch.exp, "exp"), "log": (torch.log, "log"), "sqrt": (torch.sqrt, "sqrt"),
+    "rsqrt": (torch.rsqrt, "rsqrt"), "sin": (torch.sin, "sin"), "cos": (torch.cos, "cos"),
+    "erf": (torch.erf, torch.special.erf, "erf"), "reciprocal": (torch.reciprocal, "reciprocal"),
+    "square": (torch.square, "square"), "floor": (torch.floor, "floor"), "ceil": (torch.ceil, "ceil"),
+    "sign": (torch.sign, "sign"), "log1p": (torch.log1p, "log1p"),
+}
+
+
+def _unary(kname: str):
+    def fn(node: OpNode, ctx: Emit) -> Any:
+        return getattr(keras.ops, kname)(ctx.input(node, 0))
+
+    fn.__name__ = f"unary_{kname}"
+    return fn
+
+
+for _name, _targets in _UNARY.items():
+    register(_targets, _unary(_name), Layout.ANY)
+
+
+@rule(torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clamp_min", "clamp_max", torch.clamp_min,
+      torch.clamp_max, layout=Layout.ANY)
+def clamp(node: OpNode, ctx: Emit) -> Any:
+    x = ctx.input(node, 0)
+    lo = node.kw.get("min", node.kw.get("arg1"))
+    hi = node.kw.get("max", node.kw.get("arg2"))
+    if node.target in ("clamp_max", torch.clamp_max):
+        lo, hi = None, node.kw.get("max", node.args[1] if len(node.args) > 1 else None)
+    if any(isinstance(v, Ref) for v in (lo, hi)):
+        raise ValueError("clamp with tensor bounds is not supported; use torch.maximum/minimum")
+    if lo is not None and hi is not None:
+        return keras.ops.clip(x, float(lo), float(hi))
+    if lo is not None:
+        return keras.ops.maximum(x, float(lo))
+    if hi is not None:
+        return keras.ops.minimum(x, float(hi))
+    return x

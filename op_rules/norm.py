@@ -1,0 +1,41 @@
+"""Normalization: BatchNorm1d/2d/3d (modules and F.batch_norm)."""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emitter.context import Emit
+from op_rules.common import call_with_weights, param, trainable, weight_of
+from op_rules.registry import Layout, rule
+from tracer.ir import OpNode
+
+
+@rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm, layout=Layout.CHANNELS_LAST)
+def batch_norm(node: OpNode, ctx: Emit) -> Any:
+    """BatchNormalization over the channel (last) axis with PyTorch's epsilon and statistics.
+
+    Keras' momentum is the weight of the old running value, PyTorch's the weight of the new
+    one: keras momentum = 1 - torch momentum (torch's cumulative average, momentum=None,
+    has no Keras equivalent: 0.9 is used for training and noted).
+    """
+    if node.module is not None and not node.module.track_running_stats:
+        raise ValueError("BatchNorm with track_running_stats=False normalizes with batch statistics "
+                         "even in eval mode; Keras cannot reproduce that at inference")
+    if node.module is None and ctx.value(node, "training", False):
+        raise ValueError("F.batch_norm(training=True) uses batch statistics; not supported at inference")
+    mean = weight_of(node, ctx, "running_mean")
+    var = weight_of(node, ctx, "running_var")
+    gamma, beta = weight_of(node, ctx, "weight"), weight_of(node, ctx, "bias")
+    momentum = param(node, "momentum", 0.1)
+    layer = keras.layers.BatchNormalization(
+        axis=-1, epsilon=float(param(node, "eps", 1e-5)),
+        momentum=1.0 - float(momentum) if momentum is not None else 0.9,
+        center=beta is not None, scale=gamma is not None, name=ctx.name(node))
+    weights = [w for w in (gamma, beta) if w is not None] + [mean, var]
+    y = call_with_weights(layer, ctx.input(node, 0), [np.asarray(w, np.float32) for w in weights])
+    layer.trainable = trainable(node)
+    return y

@@ -1,0 +1,151 @@
+"""Axis-moving ops: reshapes, permutes, concatenation, splitting and indexing.
+
+Most of them move no data in Keras: a permute only changes which torch axis each physical
+axis holds, and a reshape runs on the physical tensor whenever the merged or split axes sit
+in order there. See tracer/layout.py.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import keras
+import torch
+import torch.nn as nn
+
+from emitter import layers as L
+from emitter.context import Emit
+from op_rules.registry import Layout, rule
+from tracer.ir import OpNode, Phys, Ref
+from tracer.layout import drop_dims, permute_layout, reshape_layout
+
+
+def _reshape_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    phys = ins[0] if ins[0] is not None else Phys.identity(len(shapes[0]))
+    found = reshape_layout(shapes[0], phys, node.shape)
+    if found is None:
+        return [Phys.identity(len(shapes[0]))], Phys.identity(node.rank)
+    req, out = found
+    return [req], out
+
+
+@rule(nn.Flatten, nn.Unflatten, torch.flatten, "flatten", torch.unflatten, "unflatten", "view", "reshape",
+      torch.reshape, torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", "view_as", "reshape_as",
+      layout=_reshape_layout)
+def reshape(node: OpNode, ctx: Emit) -> Any:
+    x = ctx.input(node, 0)
+    phys = node.layout
+    if phys.flat is not None:
+        target = (*[node.shape[p] for p in phys.perm[:-1]], node.shape[-1])
+    else:
+        target = phys.keras_shape(node.shape)
+    if tuple(x.shape[1:]) == tuple(target[1:]):
+        return x
+    return keras.ops.reshape(x, (-1, *target[1:]))
+
+
+def _permute_dims(node: OpNode, rank: int) -> tuple[int, ...]:
+    if node.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
+        a = node.kw.get("dim0", node.kw.get("axis0", node.args[1] if len(node.args) > 1 else None))
+        b = node.kw.get("dim1", node.kw.get("axis1", node.args[2] if len(node.args) > 2 else None))
+        dims = list(range(rank))
+        dims[a % rank], dims[b % rank] = dims[b % rank], dims[a % rank]
+        return tuple(dims)
+    return tuple(d % rank for d in node.kw["dims"])
+
+
+def _permute_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    rank = len(shapes[0])
+    phys = ins[0] if ins[0] is not None and ins[0].flat is None else Phys.identity(rank)
+    return [phys], permute_layout(phys, _permute_dims(node, rank))
+
+
+@rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", torch.swapaxes, layout=_permute_layout)
+def permute(node: OpNode, ctx: Emit) -> Any:
+    """No data moves: the output is the same physical tensor with a different layout record."""
+    return ctx.input(node, 0)
+
+
+@rule(torch.cat, torch.concat, torch.concatenate, layout=Layout.ANY)
+def cat(node: OpNode, ctx: Emit) -> Any:
+    refs = node.kw.get("tensors", node.args[0])
+    parts = [ctx.tensor_input(node, ctx.index_of(node, r)) for r in refs if isinstance(r, Ref)]
+    if len(parts) == 1:
+        return parts[0]
+    dim = node.kw.get("dim", 0)
+    return keras.layers.Concatenate(axis=ctx.axis(node, dim), name=ctx.name(node))(parts)
+
+
+@rule(torch.stack, layout=Layout.TORCH)
+def stack(node: OpNode, ctx: Emit) -> Any:
+    refs = node.kw.get("tensors", node.args[0])
+    parts = [ctx.tensor_input(node, ctx.index_of(node, r)) for r in refs]
+    return keras.ops.stack(parts, axis=node.kw.get("dim", 0) % node.rank)
+
+
+@rule(torch.chunk, "chunk", torch.split, "split", torch.tensor_split, layout=Layout.ANY)
+def split(node: OpNode, ctx: Emit) -> Any:
+    """Pieces along one axis; their sizes come from the shapes PyTorch produced."""
+    x = ctx.input(node, 0)
+    dim = node.kw.get("dim", 0)
+    rank = len(node.structure[0])
+    axis = ctx.axis(node, dim % rank)
+    outs, start = [], 0
+    for k, shape in enumerate(node.structure):
+        size = shape[dim % rank]
+        sl = [[None, None, None] for _ in range(rank)]
+        sl[axis] = [start, start + size, None]
+        outs.append(L.StridedSlice(sl, name=ctx.name(node, str(k)))(x))
+        start += size
+    return tuple(outs)
+
+
+def _index(node: OpNode, rank: int) -> list | None:
+    """The index of x[...] as one entry per torch axis (slice, int or None), or None if advanced."""
+    idx = node.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(not (isinstance(i, (slice, int)) or i is None or i is Ellipsis) for i in idx):
+        return None
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out: list = []
+    for i in idx:
+        if i is Ellipsis:
+            out += [slice(None)] * (rank - n_real)
+        else:
+            out.append(i)
+    real = sum(1 for i in out if i is not None)
+    return out + [slice(None)] * (rank - real)
+
+
+def _getitem_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    phys = ins[0]
+    if node.shape is None or phys is None:  # element of a tuple of tensors
+        return [phys], phys
+    rank = len(shapes[0])
+    index = _index(node, rank)
+    if index is None or phys.flat is not None or any(i is None for i in index):
+        return [Phys.identity(rank)], Phys.identity(node.rank)
+    dropped = {d for d, i in enumerate(index) if isinstance(i, int)}
+    return [phys], drop_dims(phys, dropped)
+
+
+@rule(operator.getitem, layout=_getitem_layout)
+def getitem(node: OpNode, ctx: Emit) -> Any:
+    x = ctx.input(node, 0)
+    if isinstance(x, (tuple, list)):
+        return x[node.args[1]]
+    rank = len(node.in_layouts[0].perm)
+    index = _index(node, rank)
+    if index is None:
+        raise NotImplementedError(f"advanced indexing {node.args[1]!r} is not supported yet")
+    torch_dims = [i for i in index if i is not None]
+    per_axis = [torch_dims[d] for d in node.in_layouts[0].perm]
+    spec = [[i, i + 1 if i != -1 else None, None] if isinstance(i, int) else [i.start, i.stop, i.step]
+            for i in per_axis]
+    y = L.StridedSlice(spec, name=ctx.name(node))(x) if any(s != [None, None, None] for s in spec) else x
+    drop = [a for a, i in enumerate(per_axis) if isinstance(i, int)]
+    if drop:
+        y = keras.ops.squeeze(y, axis=tuple(drop))
+    if any(i is None for i in index):
+        y = keras.ops.reshape(y, (-1, *node.shape[1:])) if node.rank else y
+    return y

@@ -1,0 +1,151 @@
+"""Python API: ``keras_model = convert(model, sample_input)``."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+
+import op_rules  # noqa: F401  (registers the rules)
+from emitter.build import build_model
+from op_rules.registry import has_module_rule, lookup
+from tracer.capture import capture
+from tracer.errors import InputError, ParityError
+from tracer.ir import Phys, ordered, target_name
+from tracer.parity import DEFAULT_TOL, ParityReport, check_parity
+from tracer.passes import run_passes
+
+log = logging.getLogger("tracer")
+
+
+@dataclass
+class ConversionResult:
+    """Everything a conversion produced; ``keras_model.tracer_result`` points here."""
+
+    keras_model: Any
+    graph: nx.DiGraph
+    input_layouts: list[Phys]
+    output_layouts: list[Phys]
+    seconds: float
+    transposes: list[str] = field(default_factory=list)
+    report: ParityReport | None = None
+
+    @property
+    def transpose_count(self) -> int:
+        return count_transposes(self.keras_model)
+
+    def facts(self) -> dict:
+        nodes = [n for n in ordered(self.graph) if n.kind.startswith("call")]
+        rules = Counter(lookup(n.target).name for n in nodes)
+        notes = [f"{n.name}: {note}" for n in ordered(self.graph) for note in n.notes]
+        return {
+            "seconds": round(self.seconds, 3),
+            "nodes": len(nodes),
+            "ops_by_rule": dict(sorted(rules.items())),
+            "transpose_ops": self.transpose_count,
+            "layout_conversions": self.transposes,
+            "keras_params": int(self.keras_model.count_params()),
+            "input_layouts": [list(p.perm) for p in self.input_layouts],
+            "output_layouts": [list(p.perm) for p in self.output_layouts],
+            "notes": notes,
+        }
+
+
+def count_transposes(keras_model: Any) -> int:
+    """Transpose operations in the Keras functional graph (layout conversions and inherent ones)."""
+    return sum(1 for o in keras_model.operations if type(o).__name__ == "Transpose")
+
+
+def _as_tuple(sample: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(sample, torch.Tensor):
+        return (sample,)
+    if isinstance(sample, np.ndarray):
+        return (torch.from_numpy(sample),)
+    if isinstance(sample, (tuple, list)) and sample and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in sample):
+        return tuple(t if isinstance(t, torch.Tensor) else torch.from_numpy(t) for t in sample)
+    raise InputError("sample_input must be a tensor or a tuple of tensors, "
+                     f"got {type(sample).__name__}")
+
+
+def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io: bool = False,
+                  check: bool = True, n_random: int = 3, extra_inputs: Sequence[Sequence[np.ndarray]] = (),
+                  tol: float = DEFAULT_TOL, raise_on_mismatch: bool = True,
+                  progress: Callable[[str], None] | None = None) -> ConversionResult:
+    """Convert and (by default) prove parity. See :func:`convert` for the arguments."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    say = progress or (lambda msg: log.info(msg))
+    inputs = _as_tuple(sample_input)
+    was_training = model.training
+    model.eval()
+    try:
+        start = time.perf_counter()
+        say("capturing with torch.fx")
+        graph = capture(model, inputs, has_module_rule)
+        graph = run_passes(graph, channels_last_io)
+        n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
+        say(f"emitting Keras for {n_nodes} operations")
+        keras_model, ctx = build_model(graph, name=type(model).__name__)
+        seconds = time.perf_counter() - start
+        out_node = next(n for n in ordered(graph) if n.kind == "output")
+        result = ConversionResult(
+            keras_model=keras_model, graph=graph,
+            input_layouts=[n.layout for n in ordered(graph) if n.kind == "placeholder"],
+            output_layouts=_output_layouts(out_node), seconds=seconds, transposes=ctx.transposes)
+        if check:
+            say(f"checking parity on {1 + n_random + len(extra_inputs)} inputs")
+            sample = [t.detach().cpu().numpy() for t in inputs]
+            result.report = check_parity(model, keras_model, sample, result.input_layouts,
+                                         result.output_layouts, n_random=n_random, extra=extra_inputs, tol=tol)
+            if raise_on_mismatch and not result.report.ok:
+                raise ParityError(result.report)
+    finally:
+        model.train(was_training)
+    keras_model.tracer_result = result
+    return result
+
+
+def _output_layouts(out_node) -> list[Phys]:
+    layouts = dict(zip(out_node.inputs, out_node.in_layouts))
+    order: list[Phys] = []
+
+    def walk(v: Any) -> None:
+        from tracer.ir import Ref
+        if isinstance(v, Ref):
+            order.append(layouts[v.name])
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+
+    walk(out_node.args[0])
+    return order
+
+
+def convert(model: torch.nn.Module, sample_input: Any, **options: Any) -> Any:
+    """Convert a PyTorch model to a Keras 3 functional model and prove both compute the same.
+
+    Args:
+        model: the ``torch.nn.Module`` (put in eval mode for the conversion, then restored).
+        sample_input: a tensor or a tuple of tensors; shapes and dtypes are taken from it.
+        channels_last_io: inputs/outputs of image maps in NHWC instead of PyTorch's NCHW.
+        check: run the differential tester (default True).
+        n_random: random inputs besides the sample (the last one with another batch size).
+        extra_inputs: more input tuples (numpy) to compare on.
+        tol: fp32 tolerance, max|diff| <= tol * max(1, max|y|).
+        raise_on_mismatch: raise ParityError when parity fails (default True).
+
+    Returns the Keras model; ``keras_model.tracer_result`` holds the ConversionResult with
+    the parity report (``.report``), the graph and conversion facts.
+    """
+    return convert_model(model, sample_input, **options).keras_model
+
+
+__all__ = ["convert", "convert_model", "ConversionResult", "count_transposes", "target_name"]

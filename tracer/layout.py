@@ -1,0 +1,199 @@
+"""Layout: which physical axis order each tensor has inside the Keras model.
+
+One pass walks the graph in order and asks each node's rule which layout it needs for its
+inputs and which it returns. Transposes are not inserted here: the emitter materializes a
+conversion only where a producer's layout differs from what a consumer requires, and reuses it
+for every consumer that needs the same. Axis-moving ops (permute, transpose, reshapes between
+image maps and tokens) mostly change only the bookkeeping, not the data.
+"""
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+
+from op_rules.registry import Layout, lookup
+from tracer.ir import OpNode, Phys, ordered, update
+
+
+def assign_layouts(graph: nx.DiGraph, channels_last_io: bool = False) -> nx.DiGraph:
+    for node in ordered(graph):
+        if node.kind == "placeholder":
+            update(graph, node.name, layout=_input_layout(graph, node, channels_last_io))
+        elif node.is_constant:
+            continue
+        elif node.kind == "output":
+            update(graph, node.name, in_layouts=tuple(
+                _output_layout(graph.nodes[i]["op"], channels_last_io) for i in node.inputs))
+        else:
+            ins = [graph.nodes[i]["op"].layout for i in node.inputs]
+            req, out = infer(node, ins, graph)
+            update(graph, node.name, in_layouts=tuple(req), layout=out)
+    return graph
+
+
+def infer(node: OpNode, ins: list, graph: nx.DiGraph) -> tuple[list, Phys]:
+    r = lookup(node.target)
+    policy = r.layout if r is not None else Layout.TORCH
+    shapes = [_shape(graph.nodes[i]["op"]) for i in node.inputs]
+    ranks = [len(s) for s in shapes]
+    out_rank = node.rank if node.shape is not None else _structure_rank(node)
+    if policy is Layout.TORCH:
+        return [Phys.identity(k) for k in ranks], Phys.identity(out_rank)
+    if policy is Layout.CHANNELS_LAST:
+        req = [Phys.channels_last(k) if j == 0 else Phys.identity(k) for j, k in enumerate(ranks)]
+        return req, Phys.channels_last(out_rank)
+    if policy is Layout.ANY:
+        return same_layout(ins, ranks, out_rank)
+    return policy(node, ins, shapes)
+
+
+def same_layout(ins: list, ranks: list[int], out_rank: int) -> tuple[list, Phys]:
+    """Elementwise: every input takes the layout of the highest-rank input that has one.
+
+    Lower-rank inputs are broadcast: they are first expanded to the full rank (torch aligns
+    shapes on the right), then laid out like the rest.
+    """
+    full = max(ranks, default=out_rank)
+    ref = next((p for p, k in zip(ins, ranks) if p is not None and k == full), None)
+    if ref is None:
+        ref = Phys.identity(full)
+    if ref.flat is not None and any(p is not None and p != ref for p in ins):
+        ref = Phys.identity(full)
+    req = [ref if k == full else Phys(ref.perm) for k in ranks]
+    out = ref if out_rank == full else Phys.identity(out_rank)
+    return req, out
+
+
+def _shape(node: OpNode) -> tuple:
+    """A node's torch shape; for a tuple of tensors, the first element's shape."""
+    if node.shape is not None:
+        return node.shape
+    shapes = [s for s in (node.structure or ()) if s is not None]
+    return shapes[0] if shapes else ()
+
+
+def _rank(node: OpNode) -> int:
+    return node.rank if node.shape is not None else _structure_rank(node)
+
+
+def _structure_rank(node: OpNode) -> int:
+    shapes = [s for s in (node.structure or ()) if s is not None]
+    return len(shapes[0]) if shapes else 0
+
+
+def _input_layout(graph: nx.DiGraph, node: OpNode, channels_last_io: bool) -> Phys:
+    if not channels_last_io or node.rank < 3:
+        return Phys.identity(node.rank)
+    for succ in graph.successors(node.name):
+        r = lookup(graph.nodes[succ]["op"].target)
+        if r is not None and r.layout is Layout.CHANNELS_LAST:
+            return Phys.channels_last(node.rank)
+    return Phys.identity(node.rank)
+
+
+def _output_layout(node: OpNode, channels_last_io: bool) -> Phys:
+    rank = _rank(node)
+    if channels_last_io and node.layout is not None and node.layout == Phys.channels_last(rank):
+        return node.layout
+    return Phys.identity(rank)
+
+
+# ---- permutation algebra used by axis-moving rules -------------------------------------------
+
+def permute_layout(phys: Phys, dims: tuple[int, ...]) -> Phys:
+    """Layout of ``x.permute(dims)`` when ``x`` has layout ``phys``: no data moves."""
+    rank = len(dims)
+    dims = tuple(d % rank for d in dims)
+    inv = [0] * rank
+    for j, d in enumerate(dims):
+        inv[d] = j
+    return Phys(tuple(inv[p] for p in phys.perm))
+
+
+def drop_dims(phys: Phys, dims: set[int]) -> Phys:
+    """Layout after the torch dims ``dims`` are removed (reductions without keepdim, int indexing)."""
+    kept = [p for p in phys.perm if p not in dims]
+    return Phys(tuple(p - sum(1 for d in dims if d < p) for p in kept))
+
+
+def reshape_layout(in_shape: tuple, phys: Phys, out_shape: tuple) -> tuple[Phys, Phys] | None:
+    """(required input layout, output layout) for a reshape done in the physical layout.
+
+    A reshape only merges and splits runs of axes. It runs on the physical tensor unchanged
+    when each run of torch axes sits in the same order in the physical layout. When a run is
+    flattened into the last axis in another order (flatten of an NHWC map), the result is
+    marked ``flat`` so a following Linear can absorb the order into its weights. When a run
+    sits in other order elsewhere (channel shuffle on NHWC), only that run is reordered.
+    Returns None when the data must first return to PyTorch's order.
+    """
+    if phys.flat is not None:
+        return None
+    groups = _groups(tuple(in_shape), tuple(out_shape))
+    if groups is None:
+        return None
+    grouped = {d for gin, _ in groups for d in gin}
+    seq = [d for d in phys.perm if d in grouped]
+    pos = {d: i for i, d in enumerate(seq)}
+    disordered = []
+    for gin, gout in groups:
+        ps = sorted(pos[d] for d in gin)
+        if ps != list(range(ps[0], ps[0] + len(ps))):
+            return None
+        if [pos[d] for d in gin] != ps:
+            disordered.append((gin, gout))
+    flat = None
+    if len(disordered) == 1 and disordered[0][1] == [len(out_shape) - 1]:
+        gin = disordered[0][0]
+        flat = (tuple(in_shape[d] for d in gin), tuple(d - min(gin) for d in sorted(gin, key=pos.get)))
+        out_perm = _place(groups, pos, out_shape)
+        if out_perm == tuple(range(len(out_shape))):
+            return phys, Phys(out_perm, flat)
+    req = phys
+    if disordered:  # reorder each disordered run in place, then reshape
+        new = list(phys.perm)
+        for gin, _ in disordered:
+            slots = sorted(phys.perm.index(d) for d in gin)
+            for slot, d in zip(slots, sorted(gin)):
+                new[slot] = d
+        req = Phys(tuple(new))
+        seq = [d for d in req.perm if d in grouped]
+        pos = {d: i for i, d in enumerate(seq)}
+    return req, Phys(_place(groups, pos, out_shape))
+
+
+def _place(groups: list, pos: dict, out_shape: tuple) -> tuple[int, ...]:
+    placed = sorted((min(pos[d] for d in gin), gout) for gin, gout in groups)
+    out_perm = [d for _, gout in placed for d in gout]
+    for j in range(len(out_shape)):  # unit axes: right after their torch predecessor
+        if j not in out_perm:
+            out_perm.insert(out_perm.index(j - 1) + 1 if j > 0 and (j - 1) in out_perm else 0, j)
+    return tuple(out_perm)
+
+
+def _groups(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Split two shapes of equal size into runs with equal products, ignoring unit axes.
+
+    Axis 0 is kept as its own run when both shapes share it (the batch axis, size 1 or not).
+    """
+    groups = []
+    start = 0
+    if a and b and a[0] == b[0]:
+        groups.append(([0], [0]))
+        start = 1
+    ia = [d for d in range(start, len(a)) if a[d] != 1]
+    ib = [d for d in range(start, len(b)) if b[d] != 1]
+    if math.prod(a[d] for d in ia) != math.prod(b[d] for d in ib):
+        return None
+    i = j = 0
+    while i < len(ia) and j < len(ib):
+        gin, gout = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                gin.append(ia[i]); pa *= a[ia[i]]; i += 1
+            else:
+                gout.append(ib[j]); pb *= b[ib[j]]; j += 1
+        groups.append((gin, gout))
+    return groups

@@ -1,0 +1,148 @@
+"""Differential tester: PyTorch and the converted Keras model on the same inputs.
+
+Each output of each trial is compared with the stated tolerance:
+``max|keras - torch| <= tol * max(1, max|torch|)`` (fp32 default tol = 1e-5).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from tracer.ir import Phys
+
+DEFAULT_TOL = 1e-5
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    output: int
+    shape: tuple
+    max_abs: float
+    max_rel: float  # max_abs / max(1, max|torch|): the figure held to the tolerance
+    max_ref: float
+    finite: bool
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Trial:
+    label: str
+    input_shapes: tuple
+    outputs: tuple[OutputDiff, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+
+@dataclass
+class ParityReport:
+    tolerance: float
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.trials) and all(t.ok for t in self.trials)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for t in self.trials for o in t.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for t in self.trials for o in t.outputs), default=0.0)
+
+    def summary(self) -> str:
+        lines = [f"parity: {'OK' if self.ok else 'MISMATCH'} (tolerance: max|diff| <= "
+                 f"{self.tolerance:g} x max(1, max|torch|))"]
+        for t in self.trials:
+            for o in t.outputs:
+                flag = "ok  " if o.ok else ("NaN " if not o.finite else "FAIL")
+                lines.append(f"  {flag} {t.label:<14} output {o.output} {str(o.shape):<18} "
+                             f"max abs {o.max_abs:.3e}  scaled {o.max_rel:.3e}  (max|y| {o.max_ref:.3g})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "tolerance": self.tolerance, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "trials": [{"label": t.label, "input_shapes": t.input_shapes, "ok": t.ok,
+                            "outputs": [asdict(o) for o in t.outputs]} for t in self.trials]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def flatten_outputs(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in flatten_outputs(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flatten_outputs(v)]
+    return []
+
+
+def run_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+    return [t.detach().cpu().numpy() for t in flatten_outputs(out)]
+
+
+def run_keras(keras_model: Any, inputs: Sequence[np.ndarray], in_layouts: Sequence[Phys],
+              out_layouts: Sequence[Phys]) -> list[np.ndarray]:
+    feed = [np.ascontiguousarray(np.transpose(x, p.perm)) for x, p in zip(inputs, in_layouts)]
+    out = keras_model(feed if len(feed) > 1 else feed[0], training=False)
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return [np.transpose(np.asarray(y), np.argsort(p.perm)) for y, p in zip(outs, out_layouts)]
+
+
+def compare(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], tol: float) -> tuple[OutputDiff, ...]:
+    diffs = []
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if e.shape != g.shape:
+            diffs.append(OutputDiff(i, tuple(e.shape), float("inf"), float("inf"), 0.0, False, False))
+            continue
+        e64, g64 = e.astype(np.float64), g.astype(np.float64)
+        both = np.isfinite(e64) & np.isfinite(g64)
+        same_nonfinite = bool(np.array_equal(np.isfinite(e64), np.isfinite(g64))
+                              and np.array_equal(e64[~both], g64[~both], equal_nan=True))
+        max_abs = float(np.max(np.abs(e64[both] - g64[both]), initial=0.0)) if same_nonfinite else float("inf")
+        finite = bool(np.all(np.isfinite(g64)))
+        max_ref = float(np.max(np.abs(e64[both]), initial=0.0))
+        max_rel = max_abs / max(1.0, max_ref)
+        diffs.append(OutputDiff(i, tuple(e.shape), max_abs, max_rel, max_ref, finite, same_nonfinite and max_rel <= tol))
+    return tuple(diffs)
+
+
+def random_like(shapes: Sequence[tuple], dtypes: Sequence[str], seed: int, batch: int | None = None) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for shape, dt in zip(shapes, dtypes):
+        shape = (batch, *shape[1:]) if batch is not None and len(shape) else tuple(shape)
+        if dt.startswith("int") or dt == "bool":
+            out.append(rng.integers(0, 2, size=shape).astype(dt))
+        else:
+            out.append(rng.standard_normal(shape).astype(np.float32))
+    return out
+
+
+def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.ndarray], in_layouts: Sequence[Phys],
+                 out_layouts: Sequence[Phys], n_random: int = 3, extra: Sequence[Sequence[np.ndarray]] = (),
+                 tol: float = DEFAULT_TOL, seed: int = 0) -> ParityReport:
+    """Compare on the sample input, ``n_random`` random inputs (one with another batch size) and ``extra``."""
+    shapes = [tuple(x.shape) for x in sample]
+    dtypes = [str(x.dtype) for x in sample]
+    trials: list[tuple[str, list[np.ndarray]]] = [("sample", list(sample))]
+    for k in range(n_random):
+        batch = (shapes[0][0] % 3) + 2 if k == n_random - 1 and shapes[0] else None
+        trials.append((f"random{k}" + (f" (batch {batch})" if batch else ""), random_like(shapes, dtypes, seed + k, batch)))
+    trials += [(f"user{k}", list(x)) for k, x in enumerate(extra)]
+    report = ParityReport(tolerance=tol)
+    for label, inputs in trials:
+        expected = run_torch(model, inputs)
+        got = run_keras(keras_model, inputs, in_layouts, out_layouts)
+        report.trials.append(Trial(label, tuple(tuple(x.shape) for x in inputs), compare(expected, got, tol)))
+    return report
