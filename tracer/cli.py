@@ -1,0 +1,277 @@
+"""Command line: ``tracer convert path/to/module.py:Model --input-shape 1,3,224,224 -o out/``.
+
+Exit codes: 0 converted with parity; 1 converted, parity failed; 2 bad input (file, name,
+shapes, weights); 3 could not convert (unsupported ops, a rule failed).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_CONVERT = 0, 1, 2, 3
+
+EPILOG = """\
+examples:
+  tracer convert examples/repvgg.py:build_a0 --input-shape 1,3,32,32 -o out/repvgg
+      convert a factory's model; writes out/repvgg/model.keras, saved_model/, report.json
+  tracer convert models.py:ResNet --init-args '{"depth": 18}' --weights resnet.pt \\
+      --input-shape 1,3,224,224 --channels-last-io -o out/resnet
+      build ResNet(depth=18), load a state_dict, take NHWC input in the Keras model
+  tracer convert net.py:TwoInputs --input-shape 1,3,64,64 --input-shape 1,6 -o out/net
+      one --input-shape per forward() argument, in order
+
+parity: the PyTorch model and the Keras model run on the sample input (zeros unless
+--inputs is given), --random-inputs random ones (the last with another batch size) and
+your --inputs files; each output must satisfy max|diff| <= tol * max(1, max|y|).
+
+exit codes: 0 converted with parity, 1 parity failed (report.json written, model not
+unless --keep-on-mismatch), 2 bad input, 3 could not convert (e.g. unsupported ops: the
+message lists each op, its source line and a rule stub to add).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tracer", description="Convert PyTorch models to Keras 3 / TensorFlow "
+                                "with proof that both compute the same thing.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert a model defined in a Python file",
+                       description="Convert module.py:Name (an nn.Module class or a factory returning one) "
+                                   "to Keras and check parity.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("target", help="path/to/module.py:ClassOrFactory")
+    c.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
+                   help="shape of one forward() input, batch first; repeat for several inputs")
+    c.add_argument("--input-dtype", action="append", default=None, metavar="DTYPE",
+                   help="dtype per input (default float32), e.g. int64 for token ids")
+    c.add_argument("--init-args", default=None, metavar="JSON",
+                   help="constructor/factory arguments: a JSON object (keywords) or list (positional)")
+    c.add_argument("--weights", default=None, metavar="FILE.pt",
+                   help="state_dict to load (torch.load with weights_only=True; strict key match)")
+    c.add_argument("-o", "--output", default="tracer_out", metavar="OUTDIR",
+                   help="output folder: model.keras, saved_model/, report.json (default: tracer_out)")
+    c.add_argument("--channels-last-io", action="store_true",
+                   help="image inputs/outputs in NHWC (TensorFlow's layout) instead of PyTorch's NCHW")
+    c.add_argument("--inputs", action="append", default=[], metavar="FILE",
+                   help=".npy (one input) or .npz/.pt (several, in order) to also compare on; repeatable")
+    c.add_argument("--random-inputs", type=int, default=3, metavar="N", help="random inputs to compare on (default 3)")
+    c.add_argument("--tol", type=float, default=1e-5, help="parity tolerance (default 1e-5, fp32)")
+    c.add_argument("--no-saved-model", action="store_true", help="skip the TensorFlow SavedModel export")
+    c.add_argument("--keep-on-mismatch", action="store_true", help="write the model even when parity fails")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only errors and the verdict")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _convert(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return EXIT_CONVERT
+    except Exception as exc:  # one clear line (or the rule listing) unless --debug
+        from tracer.errors import InputError, TracerError
+        if args.debug:
+            raise
+        code = EXIT_INPUT if isinstance(exc, InputError) else EXIT_CONVERT
+        kind = "error" if isinstance(exc, TracerError) else f"internal error ({type(exc).__name__})"
+        print(f"tracer: {kind}: {exc}", file=sys.stderr)
+        if not isinstance(exc, TracerError):
+            print("  rerun with --debug for the traceback", file=sys.stderr)
+        return code
+
+
+def _convert(args: argparse.Namespace) -> int:
+    say = (lambda m: None) if args.quiet else (lambda m: print(f"[tracer] {m}", file=sys.stderr, flush=True))
+    from tracer.errors import InputError
+    shapes = [parse_shape(s) for s in args.input_shape]
+    dtypes = args.input_dtype or ["float32"] * len(shapes)
+    if len(dtypes) != len(shapes):
+        raise InputError(f"{len(dtypes)} --input-dtype given for {len(shapes)} --input-shape")
+    say("importing torch and TensorFlow")
+    import torch
+
+    from tracer.api import convert_model
+    from emitter.save import save_outputs
+
+    model = load_model(args.target, args.init_args)
+    if args.weights:
+        load_weights(model, args.weights)
+    sample = make_sample(shapes, dtypes, args.inputs)
+    check_runs(model, sample, shapes)
+    extra = [load_inputs(f, len(shapes)) for f in args.inputs]
+    start = time.perf_counter()
+    result = convert_model(model, sample, channels_last_io=args.channels_last_io, n_random=args.random_inputs,
+                           extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=say)
+    report = {"target": args.target, "input_shapes": shapes, "parity": result.report.to_dict(),
+              "conversion": result.facts(), "total_seconds": round(time.perf_counter() - start, 3)}
+    print(result.report.summary())
+    ok = result.report.ok
+    if ok or args.keep_on_mismatch:
+        say(f"writing {args.output}/ (model.keras{'' if args.no_saved_model else ', saved_model/'}, report.json)")
+        save_outputs(result.keras_model, args.output, report, saved_model=not args.no_saved_model)
+    else:
+        save_outputs(result.keras_model, args.output, report, keras_file=False, saved_model=False)
+        print(f"tracer: parity failed; wrote only {args.output}/report.json "
+              "(--keep-on-mismatch writes the model too)", file=sys.stderr)
+    facts = result.facts()
+    print(f"converted in {facts['seconds']:.2f}s: {facts['nodes']} ops, {facts['transpose_ops']} Transpose, "
+          f"{facts['keras_params']:,} parameters -> {args.output}/")
+    return EXIT_OK if ok else EXIT_PARITY
+
+
+def parse_shape(text: str) -> list[int]:
+    from tracer.errors import InputError
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise InputError(f"--input-shape {text!r} is not a comma-separated list of integers") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise InputError(f"--input-shape {text!r} must list positive sizes, batch first (e.g. 1,3,224,224)")
+    return dims
+
+
+def load_model(target: str, init_args: str | None) -> Any:
+    import torch
+    from tracer.errors import InputError
+    path_text, sep, name = target.rpartition(":")
+    if not sep or not path_text or not name:
+        raise InputError(f"target {target!r} must be path/to/module.py:Name")
+    path = Path(path_text)
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    module = _import_file(path)
+    if not hasattr(module, name):
+        found = [k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)
+                 and v.__module__ == module.__name__]
+        raise InputError(f"{path} has no {name!r}" + (f"; nn.Module classes there: {', '.join(found)}" if found else ""))
+    obj = getattr(module, name)
+    args, kwargs = _parse_init(init_args)
+    if not callable(obj):
+        raise InputError(f"{path}:{name} is a {type(obj).__name__}, not an nn.Module class or factory")
+    try:
+        model = obj(*args, **kwargs)
+    except Exception as exc:
+        raise InputError(f"{path}:{name}({_fmt(args, kwargs)}) failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{path}:{name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_file(path: Path) -> Any:
+    from tracer.errors import InputError
+    name = f"tracer_user_{path.stem}_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"{path} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise InputError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    return module
+
+
+def _parse_init(text: str | None) -> tuple[list, dict]:
+    from tracer.errors import InputError
+    if not text:
+        return [], {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--init-args is not valid JSON: {exc}") from None
+    if isinstance(value, dict):
+        return [], value
+    if isinstance(value, list):
+        return value, {}
+    raise InputError("--init-args must be a JSON object (keyword arguments) or list (positional)")
+
+
+def _fmt(args: list, kwargs: dict) -> str:
+    return ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
+
+
+def load_weights(model: Any, path: str) -> None:
+    import torch
+    from tracer.errors import InputError
+    if not Path(path).is_file():
+        raise InputError(f"no such weights file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot read weights {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise InputError(f"weights {path} do not fit the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def make_sample(shapes: list[list[int]], dtypes: list[str], files: list[str]) -> tuple:
+    """The sample input: the first --inputs file if given, else a fixed normal draw."""
+    import numpy as np
+    import torch
+    if files:
+        arrays = load_inputs(files[0], len(shapes))
+        return tuple(torch.from_numpy(a) for a in arrays)
+    rng = np.random.default_rng(1234)
+    out = []
+    for shape, dt in zip(shapes, dtypes):
+        if dt.startswith("int"):
+            out.append(torch.from_numpy(rng.integers(0, 2, size=shape).astype(dt)))
+        else:
+            out.append(torch.from_numpy(rng.standard_normal(shape).astype(dt)))
+    return tuple(out)
+
+
+def load_inputs(path: str, n: int) -> list:
+    import numpy as np
+    import torch
+    from tracer.errors import InputError
+    if not Path(path).is_file():
+        raise InputError(f"no such inputs file: {path}")
+    try:
+        if path.endswith(".npy"):
+            arrays = [np.load(path, allow_pickle=False)]
+        elif path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                arrays = [z[k] for k in z.files]
+        else:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            value = value if isinstance(value, (tuple, list)) else [value]
+            arrays = [v.numpy() for v in value]
+    except Exception as exc:
+        raise InputError(f"cannot read inputs {path}: {type(exc).__name__}: {exc}") from None
+    if len(arrays) != n:
+        raise InputError(f"{path} holds {len(arrays)} arrays, the model takes {n} inputs")
+    return [a.astype(np.float32) if a.dtype == np.float64 else a for a in arrays]
+
+
+def check_runs(model: Any, sample: tuple, shapes: list) -> None:
+    import torch
+    from tracer.errors import InputError
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*sample)
+    except Exception as exc:
+        shown = " and ".join(str(tuple(t.shape)) for t in sample)
+        raise InputError(f"the PyTorch model fails on input shape {shown}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:300]}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
