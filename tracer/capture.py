@@ -159,7 +159,7 @@ def _build_graph(gm: fx.GraphModule, rec: _Recorder) -> nx.DiGraph:
     for n in gm.graph.nodes:
         result = rec.results.get(n.name)
         is_const = n.op not in ("placeholder", "output") and n.name not in rec.dynamic
-        if is_const and not _has_tensor(result):
+        if n.op not in ("placeholder", "output") and not _has_tensor(result):  # sizes, shape arithmetic
             folded[n.name] = result
             continue
         node = _make_node(n, result, is_const, folded, modules)
