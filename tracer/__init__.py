@@ -12,7 +12,27 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import emitter.layers  # noqa: E402,F401  (registers our Keras layers for load_model)
+
+def _import_quietly() -> None:
+    """Import Keras (and TensorFlow) with fd 2 silenced: TF prints C++ INFO lines before absl
+    logging is set up, which no environment variable turns off. TRACER_TF_LOGS=1 shows them."""
+    import sys
+
+    if "tensorflow" in sys.modules or _os.environ.get("TRACER_TF_LOGS"):
+        import emitter.layers  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved, devnull = _os.dup(2), _os.open(_os.devnull, _os.O_WRONLY)
+    try:
+        _os.dup2(devnull, 2)
+        import emitter.layers  # noqa: F401  (registers our Keras layers for load_model)
+    finally:
+        _os.dup2(saved, 2)
+        _os.close(devnull)
+        _os.close(saved)
+
+
+_import_quietly()
 
 __version__ = "0.1.0"
 

@@ -95,8 +95,6 @@ def _convert(args: argparse.Namespace) -> int:
     if len(dtypes) != len(shapes):
         raise InputError(f"{len(dtypes)} --input-dtype given for {len(shapes)} --input-shape")
     say("importing torch and TensorFlow")
-    import torch
-
     from tracer.api import convert_model
     from emitter.save import save_outputs
 
