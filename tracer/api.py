@@ -90,7 +90,7 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
         graph = run_passes(graph, channels_last_io)
         n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
         say(f"emitting Keras for {n_nodes} operations")
-        keras_model, ctx = build_model(graph, name=type(model).__name__)
+        keras_model, ctx = build_model(graph, name=type(model).__name__, progress=_every_quarter(say))
         seconds = time.perf_counter() - start
         out_node = next(n for n in ordered(graph) if n.kind == "output")
         result = ConversionResult(
@@ -108,6 +108,14 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
         model.train(was_training)
     keras_model.tracer_result = result
     return result
+
+
+def _every_quarter(say: Callable[[str], None]) -> Callable[[int, int], None]:
+    """Progress for long emissions: a line at 25/50/75% of the nodes of graphs over 200 nodes."""
+    def report(k: int, n: int) -> None:
+        if n > 200 and k in {n // 4, n // 2, 3 * n // 4}:
+            say(f"  {k}/{n} nodes emitted")
+    return report
 
 
 def _output_layouts(out_node) -> list[Phys]:
