@@ -129,11 +129,15 @@ def arrange(value: np.ndarray, want: Phys | None) -> np.ndarray:
     """Lay a constant out like a tensor of layout ``want`` (expanding to its rank first)."""
     if want is None:
         return value
-    if want.flat is not None:
-        raise ValueError("a constant cannot take a flattened layout")
     rank = len(want.perm)
     value = value.reshape((1,) * (rank - value.ndim) + value.shape) if value.ndim < rank else value
-    return np.transpose(value, want.perm) if rank > 1 else value
+    value = np.transpose(value, want.perm) if rank > 1 else value
+    if want.flat is not None and value.shape[-1] != 1:  # its last axis in the flattened order
+        tshape, order = want.flat
+        if value.shape[-1] != math.prod(tshape):
+            raise ValueError(f"a constant of shape {value.shape} cannot take a flattened layout of {tshape}")
+        value = value[..., np.arange(math.prod(tshape)).reshape(tshape).transpose(order).ravel()]
+    return value
 
 
 def to_numpy(value: Any) -> np.ndarray:

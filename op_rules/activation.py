@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from emitter.context import Emit
 from op_rules.common import call_with_weights, param, weight_of
+from op_rules.elementwise import scale
 from op_rules.registry import Layout, register, rule
 from tracer.ir import OpNode
 
@@ -39,7 +40,7 @@ _unary((nn.Mish, F.mish), _act("mish"))
 _unary((nn.Hardsigmoid, F.hardsigmoid), _act("hard_sigmoid"))
 _unary((nn.Hardswish, F.hardswish), _act("hard_silu"))
 _unary((nn.SELU, F.selu, torch.selu), _act("selu"))
-_unary((nn.Softsign, F.softsign), _act("soft_sign"))
+_unary((nn.Softsign, F.softsign), _act("softsign"))
 _unary((nn.LogSigmoid, F.logsigmoid), _act("log_sigmoid"))
 
 
@@ -56,7 +57,7 @@ def softplus(node: OpNode, ctx: Emit) -> Any:
     """PyTorch: softplus(beta*x)/beta, and x itself where beta*x > threshold."""
     beta, threshold = float(param(node, "beta", 1.0)), float(param(node, "threshold", 20.0))
     x = ctx.input(node, 0)
-    bx = x if beta == 1.0 else keras.ops.multiply(x, beta)
+    bx = x if beta == 1.0 else scale(x, beta, ctx.name(node, "beta"))
     soft = keras.ops.softplus(bx)
     soft = soft if beta == 1.0 else keras.ops.divide(soft, beta)
     return keras.ops.where(keras.ops.greater(bx, threshold), x, soft)

@@ -46,12 +46,14 @@ def _binary(kname: str):
         a, b = (_operand(node, ctx, v) for v in args)
         alpha = node.kw.get("alpha", 1)
         if alpha not in (1, None):
-            b = b * float(alpha) if not isinstance(b, keras.KerasTensor) else keras.ops.multiply(b, float(alpha))
+            b = b * float(alpha) if not isinstance(b, keras.KerasTensor) else scale(b, alpha, ctx.name(node, "alpha"))
         mode = node.kw.get("rounding_mode")
         if kname == "divide" and mode is not None:
-            if mode != "floor":
-                raise ValueError(f"division with rounding_mode={mode!r} is not supported")
-            return _apply(node, ctx, "floor_divide", a, b)
+            if mode == "floor":
+                return _apply(node, ctx, "floor_divide", a, b)
+            if mode == "trunc":
+                return keras.ops.trunc(_apply(node, ctx, "divide", a, b))
+            raise ValueError(f"rounding_mode must be None, 'floor' or 'trunc'. Received: rounding_mode={mode!r}")
         return _apply(node, ctx, kname, a, b)
 
     fn.__name__ = f"binary_{kname}"
@@ -65,6 +67,8 @@ def _apply(node: OpNode, ctx: Emit, kname: str, a: Any, b: Any) -> Any:
     if not ka and not kb:
         raise ValueError("neither operand depends on the model inputs")
     tensor, other = (a, b) if ka else (b, a)
+    if kname == "multiply" and isinstance(other, (int, float, np.number)) and "float" in str(tensor.dtype):
+        other = np.asarray(other, np.float32)  # see scale()
     if isinstance(other, np.ndarray):
         layer = L.ConstBinary(kname, other.shape, const_first=not ka, name=ctx.name(node),
                               value_dtype=str(other.dtype) if other.dtype != np.float64 else "float32")
@@ -72,6 +76,20 @@ def _apply(node: OpNode, ctx: Emit, kname: str, a: Any, b: Any) -> Any:
         L.set_value(layer, "value", other)
         return out
     return getattr(keras.ops, kname)(a, b)
+
+
+def scale(x: Any, factor: float, name: str) -> Any:
+    """``x * factor`` for a Keras tensor ``x`` and a Python number, as a ConstBinary layer.
+
+    Works around Keras 3.15: ``keras.ops.multiply`` with a Python or NumPy scalar operand marks
+    its symbolic result sparse (``Multiply.compute_output_spec`` reads the scalar's missing
+    ``sparse`` attribute as True), so a layer called on that result is traced with a SparseTensor
+    and infers a wrong shape. Delete when ``keras.ops.multiply(x, 2.0).sparse`` is False.
+    """
+    layer = L.ConstBinary("multiply", (), name=name)
+    out = layer(x)
+    L.set_value(layer, "value", np.asarray(factor, np.float32))
+    return out
 
 
 for _name, _targets in _BINARY.items():

@@ -2,11 +2,10 @@
 PixelShuffle/PixelUnshuffle, F.pad and the padding modules.
 
 Interpolation is reproduced with PyTorch's own source-index formulas: nearest as an index
-gather (or UpSampling for integer factors), (bi)linear as one interpolation matrix per axis.
+gather (or UpSampling where each source row repeats), (bi)linear as one interpolation matrix per axis.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras
@@ -21,19 +20,43 @@ from op_rules.registry import Layout, rule
 from tracer.ir import OpNode
 
 
-def _scales(node: OpNode, n: int, size_in, size_out) -> list[float]:
-    """Source step per output step, as PyTorch computes it."""
+def _factors(node: OpNode, n: int) -> list[float | None]:
+    """The scale factor PyTorch's kernel receives per axis (None: it divides the sizes instead)."""
     factor = param(node, "scale_factor", None)
-    if factor is not None and not param(node, "recompute_scale_factor", False):
-        return [1.0 / float(f) for f in ntuple(factor, n)]
-    return [li / o for li, o in zip(size_in, size_out)]
+    if factor is None or param(node, "recompute_scale_factor", False):
+        return [None] * n
+    return [float(f) for f in ntuple(factor, n)]
 
 
-def _linear_matrix(li: int, o: int, scale: float, align_corners: bool) -> np.ndarray:
+def _nearest_index(li: int, o: int, factor: float | None, exact: bool, n: int) -> np.ndarray:
+    """PyTorch's CPU source index for nearest / nearest-exact, in float32 like its kernels (torch 2.13).
+
+    Maps of rank 4 (2-D) go through ``nearest_idx`` / ``nearest_exact_idx`` (ATen UpSample.h): an
+    equal or doubled size is copied / halved whatever the scale, the exact index is
+    floorf((d + 0.5) * scale). Rank 3 and 5 go through the generic kernel (HelperInterpNearest*):
+    no such shortcuts, the exact index is floorf(fma(scale, d + 0.5, -0.5) + 0.5).
+    """
+    d = np.arange(o)
+    if n == 2 and not exact and o in (li, 2 * li):
+        return d * li // o
+    scale = np.float32(1.0 / factor) if factor else np.float32(li) / np.float32(o)
+    if not exact:
+        src = d.astype(np.float32) * scale
+    elif n == 2:
+        src = ((d + 0.5) * np.float64(scale)).astype(np.float32)
+    else:
+        src = np.maximum((np.float64(scale) * (d + 0.5) - 0.5).astype(np.float32), np.float32(0))
+        src = (src.astype(np.float64) + 0.5).astype(np.float32)
+    return np.minimum(np.floor(src).astype(np.int64), li - 1)
+
+
+def _linear_matrix(li: int, o: int, factor: float | None, align_corners: bool) -> np.ndarray:
+    """(o, li) interpolation weights along one axis, as PyTorch's (bi/tri)linear kernels compute them."""
     dst = np.arange(o, dtype=np.float64)
     if align_corners:
         src = dst * ((li - 1) / (o - 1)) if o > 1 else np.zeros(o)
     else:
+        scale = 1.0 / factor if factor else li / o
         src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), li - 1)
     i1 = np.minimum(i0 + 1, li - 1)
@@ -44,37 +67,39 @@ def _linear_matrix(li: int, o: int, scale: float, align_corners: bool) -> np.nda
     return m.astype(np.float32)
 
 
+_NEAREST = ("nearest", "nearest-exact")
+_LINEAR = ("linear", "bilinear", "trilinear")
+
+
 @rule(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate, F.upsample,
       layout=Layout.CHANNELS_LAST)
 def interpolate(node: OpNode, ctx: Emit) -> Any:
+    mode = param(node, "mode", "nearest")
+    if mode not in _NEAREST + _LINEAR:
+        raise NotImplementedError(f"interpolation mode {mode!r} is not supported (nearest, "
+                                  "nearest-exact, linear, bilinear, trilinear are)")
+    if param(node, "antialias", False):
+        raise NotImplementedError("interpolation with antialias=True is not supported")
     x = ctx.input(node, 0)
     n = node.rank - 2
     size_in = tuple(ctx.graph.nodes[node.inputs[0]]["op"].shape[2:])
     size_out = tuple(node.shape[2:])
-    mode = param(node, "mode", "nearest")
-    align = bool(param(node, "align_corners", False))
-    if isinstance(node.module, nn.UpsamplingBilinear2d):
-        align = True
-    scales = _scales(node, n, size_in, size_out)
-    if mode == "nearest" and all(o % li == 0 and math.isclose(s, li / o) for li, o, s in zip(size_in, size_out, scales)):
-        factors = tuple(o // li for li, o in zip(size_in, size_out))
-        return spatial_layer("UpSampling", n)(factors if n > 1 else factors[0], name=ctx.name(node))(x)
-    for axis, (li, o, s) in enumerate(zip(size_in, size_out, scales), start=1):
-        if li == o and s == 1.0:
-            continue
-        name = ctx.name(node, f"axis{axis}")
-        if mode in ("nearest", "nearest-exact"):
-            offset = 0.5 if mode == "nearest-exact" else 0.0
-            idx = np.minimum(np.floor((np.arange(o) + offset) * s).astype(np.int64), li - 1)
-            x = L.AxisGather(axis, idx.tolist(), name=name)(x)
-        elif mode in ("linear", "bilinear", "trilinear"):
-            layer = L.AxisLinearMap(axis, li, o, name=name)
-            y = layer(x)
-            L.set_value(layer, "matrix", _linear_matrix(li, o, s, align))
-            x = y
-        else:
-            raise NotImplementedError(f"interpolation mode {mode!r} is not supported (nearest, "
-                                      "nearest-exact, linear, bilinear, trilinear are)")
+    sizes = list(zip(range(1, n + 1), size_in, size_out, _factors(node, n)))
+    if mode in _NEAREST:
+        index = [_nearest_index(li, o, f, mode == "nearest-exact", n) for _, li, o, f in sizes]
+        reps = [o // li if o % li == 0 else 0 for _, li, o, _ in sizes]
+        if all(r and np.array_equal(ix, np.arange(len(ix)) // r) for ix, r in zip(index, reps)):
+            return spatial_layer("UpSampling", n)(tuple(reps) if n > 1 else reps[0], name=ctx.name(node))(x)
+        for (axis, li, o, _), ix in zip(sizes, index):
+            if li != o or not np.array_equal(ix, np.arange(o)):
+                x = L.AxisGather(axis, ix.tolist(), name=ctx.name(node, f"axis{axis}"))(x)
+        return x
+    align = bool(param(node, "align_corners", False)) or isinstance(node.module, nn.UpsamplingBilinear2d)
+    for axis, li, o, f in sizes:
+        if li != o:  # PyTorch copies an axis whose size does not change, whatever the scale factor
+            layer = L.AxisLinearMap(axis, li, o, name=ctx.name(node, f"axis{axis}"))
+            L.set_value(layer, "matrix", _linear_matrix(li, o, f, align))
+            x = layer(x)
     return x
 
 
@@ -82,6 +107,7 @@ def interpolate(node: OpNode, ctx: Emit) -> Any:
 def pixel_shuffle(node: OpNode, ctx: Emit) -> Any:
     """(B,H,W,C*r*r) -> (B,H*r,W*r,C) with PyTorch's channel order c*r*r + i*r + j."""
     r = int(param(node, "upscale_factor"))
+    _require_4d(node, "pixel_shuffle")
     x = ctx.input(node, 0)
     _, h, w, crr = x.shape
     c = crr // (r * r)
@@ -93,11 +119,17 @@ def pixel_shuffle(node: OpNode, ctx: Emit) -> Any:
 @rule(nn.PixelUnshuffle, F.pixel_unshuffle, layout=Layout.CHANNELS_LAST)
 def pixel_unshuffle(node: OpNode, ctx: Emit) -> Any:
     r = int(param(node, "downscale_factor"))
+    _require_4d(node, "pixel_unshuffle")
     x = ctx.input(node, 0)
     _, h, w, c = x.shape
     x = keras.ops.reshape(x, (-1, h // r, r, w // r, r, c))
     x = keras.ops.transpose(x, (0, 1, 3, 5, 2, 4))
     return keras.ops.reshape(x, (-1, h // r, w // r, c * r * r))
+
+
+def _require_4d(node: OpNode, what: str) -> None:
+    if node.rank != 4:
+        raise NotImplementedError(f"{what} is supported on 4-D (N, C, H, W) inputs only, got rank {node.rank}")
 
 
 _PAD_MODULES = {
@@ -111,7 +143,11 @@ _PAD_MODULES = {
 
 @rule(F.pad, *_PAD_MODULES, layout=Layout.ANY)
 def pad(node: OpNode, ctx: Emit) -> Any:
-    """F.pad lists (before, after) pairs from the last torch axis backwards."""
+    """F.pad lists (before, after) pairs from the last torch axis backwards.
+
+    Negative pads crop: after padding in constant/reflect/replicate mode, before it in circular
+    mode (as PyTorch does).
+    """
     if node.module is not None:
         flat, mode, value = node.module.padding, _PAD_MODULES[type(node.module)], getattr(node.module, "value", 0.0)
     else:
@@ -122,4 +158,18 @@ def pad(node: OpNode, ctx: Emit) -> Any:
     for k in range(len(flat) // 2):
         torch_pads[rank - 1 - k] = (int(flat[2 * k]), int(flat[2 * k + 1]))
     pads = [torch_pads[d] for d in phys.perm]
-    return L.TorchPad(pads, mode=mode, value=float(value), name=ctx.name(node))(ctx.input(node, 0))
+    grow = [(max(a, 0), max(b, 0)) for a, b in pads]
+    crop = [(max(-a, 0), max(-b, 0)) for a, b in pads]
+    x = ctx.input(node, 0)
+    if mode == "circular":  # negative pads crop first, the wrap then reads the cropped tensor
+        x = _crop(x, crop, ctx.name(node, "crop"))
+    if any(a or b for a, b in grow):
+        x = L.TorchPad(grow, mode=mode, value=float(value), name=ctx.name(node))(x)
+    return x if mode == "circular" else _crop(x, crop, ctx.name(node, "crop"))
+
+
+def _crop(x: Any, crops: list[tuple[int, int]], name: str) -> Any:
+    """Negative pads: drop (before, after) positions of each axis."""
+    if not any(a or b for a, b in crops):
+        return x
+    return L.StridedSlice([[a or None, -b if b else None, None] for a, b in crops], name=name)(x)

@@ -16,8 +16,8 @@ import torch.nn as nn
 from emitter import layers as L
 from emitter.context import Emit
 from op_rules.registry import Layout, rule
-from tracer.ir import OpNode, Phys, Ref
-from tracer.layout import drop_dims, permute_layout, reshape_layout
+from tracer.ir import OpNode, Phys, Ref, op
+from tracer.layout import drop_dims, permute_layout, reshape_layout, same_layout
 
 
 def _reshape_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
@@ -39,9 +39,25 @@ def reshape(node: OpNode, ctx: Emit) -> Any:
         target = (*[node.shape[p] for p in phys.perm[:-1]], node.shape[-1])
     else:
         target = phys.keras_shape(node.shape)
+    in_shape = op(ctx.graph, node.inputs[0]).shape
+    if tuple(target) == (1, *node.in_layouts[0].keras_shape(in_shape)):  # x.unsqueeze(0)
+        return keras.ops.expand_dims(x, 0)
+    if _moves_batch(in_shape, node.shape):
+        raise NotImplementedError(f"reshaping {in_shape} to {node.shape} moves the batch axis away from axis 0, "
+                                  "which a Keras model keeps as its batch axis")
     if tuple(x.shape[1:]) == tuple(target[1:]):
         return x
     return keras.ops.reshape(x, (-1, *target[1:]))
+
+
+def _moves_batch(in_shape: tuple, out_shape: tuple) -> bool:
+    """Whether the batch axis goes behind a new unit axis 0 (``x.view(1, -1)``).
+
+    Keras reshapes with ``-1`` for axis 0, as torch code writes ``x.view(-1, ...)`` or
+    ``x.view(x.size(0), ...)``. Behind a unit axis the batch size would be fixed to the sample's.
+    A sample of batch 1 cannot tell, so it is trusted.
+    """
+    return bool(in_shape) and bool(out_shape) and in_shape[0] != 1 and out_shape[0] == 1
 
 
 def _permute_dims(node: OpNode, rank: int) -> tuple[int, ...]:
@@ -66,7 +82,17 @@ def permute(node: OpNode, ctx: Emit) -> Any:
     return ctx.input(node, 0)
 
 
-@rule(torch.cat, torch.concat, torch.concatenate, layout=Layout.ANY)
+def _along_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    """cat/split: elementwise layouts, but not along a flattened axis (its ``flat`` record
+    describes the whole axis, not pieces or concatenations of it)."""
+    rank = len(shapes[0])
+    req, out = same_layout(ins, [len(s) for s in shapes], rank)
+    if out.flat is not None and node.kw.get("dim", 0) % rank == rank - 1:
+        return [Phys.identity(len(s)) for s in shapes], Phys.identity(rank)
+    return req, out
+
+
+@rule(torch.cat, torch.concat, torch.concatenate, layout=_along_layout)
 def cat(node: OpNode, ctx: Emit) -> Any:
     refs = node.kw.get("tensors", node.args[0])
     parts = [ctx.tensor_input(node, ctx.index_of(node, r)) for r in refs if isinstance(r, Ref)]
@@ -83,12 +109,15 @@ def stack(node: OpNode, ctx: Emit) -> Any:
     return keras.ops.stack(parts, axis=node.kw.get("dim", 0) % node.rank)
 
 
-@rule(torch.chunk, "chunk", torch.split, "split", torch.tensor_split, layout=Layout.ANY)
+@rule(torch.chunk, "chunk", torch.split, "split", torch.tensor_split, layout=_along_layout)
 def split(node: OpNode, ctx: Emit) -> Any:
     """Pieces along one axis; their sizes come from the shapes PyTorch produced."""
     x = ctx.input(node, 0)
     dim = node.kw.get("dim", 0)
     rank = len(node.structure[0])
+    if dim % rank == 0:
+        raise NotImplementedError("splitting the batch axis (dim=0) makes pieces whose sizes depend on the batch "
+                                  "size; a Keras model's batch axis is not fixed")
     axis = ctx.axis(node, dim % rank)
     outs, start = [], 0
     for k, shape in enumerate(node.structure):
@@ -117,9 +146,19 @@ def _index(node: OpNode, rank: int) -> list | None:
     return out + [slice(None)] * (rank - real)
 
 
+def _is_element(node: OpNode, shapes: list) -> bool:
+    """Whether ``node`` takes an element of a tuple of tensors (``y.chunk(2, 1)[0]``).
+
+    For a tuple, ``shapes[0]`` is its first element's shape. An int index on a tensor drops
+    exactly the first axis, so an int index whose result is not ``shapes[0][1:]`` is a tuple's.
+    """
+    idx = node.args[1]
+    return node.shape is None or (isinstance(idx, int) and tuple(node.shape) != tuple(shapes[0][1:]))
+
+
 def _getitem_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     phys = ins[0]
-    if node.shape is None or phys is None:  # element of a tuple of tensors
+    if phys is None or _is_element(node, shapes):  # element of a tuple: the tuple's layout
         return [phys], phys
     rank = len(shapes[0])
     index = _index(node, rank)
@@ -139,6 +178,9 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
     if index is None:
         raise NotImplementedError(f"advanced indexing {node.args[1]!r} is not supported yet")
     torch_dims = [i for i in index if i is not None]
+    if isinstance(torch_dims[0], int):
+        raise NotImplementedError(f"index {node.args[1]!r} takes one element of the batch axis, which removes "
+                                  "it; a Keras model keeps axis 0 as its batch axis: slice it instead (x[0:1])")
     per_axis = [torch_dims[d] for d in node.in_layouts[0].perm]
     spec = [[i, i + 1 if i != -1 else None, None] if isinstance(i, int) else [i.start, i.stop, i.step]
             for i in per_axis]
@@ -146,6 +188,17 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
     drop = [a for a, i in enumerate(per_axis) if isinstance(i, int)]
     if drop:
         y = keras.ops.squeeze(y, axis=tuple(drop))
-    if any(i is None for i in index):
-        y = keras.ops.reshape(y, (-1, *node.shape[1:])) if node.rank else y
+    for axis in _new_axes(index):  # ascending, so each lands at its final position
+        y = keras.ops.expand_dims(y, axis)
     return y
+
+
+def _new_axes(index: list) -> list[int]:
+    """Output positions of the unit axes that ``None`` entries of an index insert."""
+    axes, pos = [], 0
+    for i in index:
+        if i is None:
+            axes.append(pos)
+        if not isinstance(i, int):
+            pos += 1
+    return axes

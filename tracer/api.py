@@ -14,7 +14,7 @@ import torch
 import op_rules  # noqa: F401  (registers the rules)
 from emitter.build import build_model
 from op_rules.registry import has_module_rule, lookup
-from tracer.capture import capture
+from tracer.capture import capture as capture_graph
 from tracer.errors import InputError, ParityError
 from tracer.ir import Phys, ordered, target_name
 from tracer.parity import DEFAULT_TOL, ParityReport, check_parity
@@ -34,6 +34,9 @@ class ConversionResult:
     seconds: float
     transposes: list[str] = field(default_factory=list)
     report: ParityReport | None = None
+    tflite: dict[str, bytes] = field(default_factory=dict)  # kind -> .tflite flatbuffer
+    tflite_reports: dict[str, Any] = field(default_factory=dict)  # kind -> litert_check.LiteRTReport
+    node_tensors: dict[str, Any] = field(default_factory=dict)  # node name -> Keras tensor in its layout (verify)
 
     @property
     def transpose_count(self) -> int:
@@ -53,6 +56,7 @@ class ConversionResult:
             "input_layouts": [list(p.perm) for p in self.input_layouts],
             "output_layouts": [list(p.perm) for p in self.output_layouts],
             "notes": notes,
+            "capture": dict(self.graph.graph.get("capture", {})),
         }
 
 
@@ -74,19 +78,27 @@ def _as_tuple(sample: Any) -> tuple[torch.Tensor, ...]:
 
 def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io: bool = False,
                   check: bool = True, n_random: int = 3, extra_inputs: Sequence[Sequence[np.ndarray]] = (),
-                  tol: float = DEFAULT_TOL, raise_on_mismatch: bool = True,
-                  progress: Callable[[str], None] | None = None) -> ConversionResult:
+                  tol: float = DEFAULT_TOL, raise_on_mismatch: bool = True, capture: str = "auto",
+                  progress: Callable[[str], None] | None = None, tflite: Sequence[str] = (), calib: Any = None,
+                  int8_io: bool = False, random_calibration: bool = False,
+                  allow_flex: bool = False) -> ConversionResult:
     """Convert and (by default) prove parity. See :func:`convert` for the arguments."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     say = progress or (lambda msg: log.info(msg))
     inputs = _as_tuple(sample_input)
+    if tflite:
+        from emitter.tflite import check_options
+        check_options(tflite, calib, int8_io, random_calibration)  # before any work
     was_training = model.training
     model.eval()
     try:
         start = time.perf_counter()
-        say("capturing with torch.fx")
-        graph = capture(model, inputs, has_module_rule)
+        say("capturing with torch.export" if capture == "export" else "capturing with torch.fx")
+        graph = capture_graph(model, inputs, has_module_rule, method=capture)
+        how = graph.graph.get("capture", {"method": capture})
+        if how["method"] != "fx" and capture != "export":
+            say(f"captured with {how['method']} instead: {how['reason']}")
         graph = run_passes(graph, channels_last_io)
         n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
         say(f"emitting Keras for {n_nodes} operations")
@@ -96,7 +108,8 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
         result = ConversionResult(
             keras_model=keras_model, graph=graph,
             input_layouts=[n.layout for n in ordered(graph) if n.kind == "placeholder"],
-            output_layouts=_output_layouts(out_node), seconds=seconds, transposes=ctx.transposes)
+            output_layouts=_output_layouts(out_node), seconds=seconds, transposes=ctx.transposes,
+            node_tensors=dict(ctx.tensors))
         if check:
             say(f"checking parity on {1 + n_random + len(extra_inputs)} inputs")
             sample = [t.detach().cpu().numpy() for t in inputs]
@@ -104,10 +117,26 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
                                          result.output_layouts, n_random=n_random, extra=extra_inputs, tol=tol)
             if raise_on_mismatch and not result.report.ok:
                 raise ParityError(result.report)
+        if tflite:
+            _export_tflite(result, model, inputs, tflite, check=check, n_random=n_random, extra=extra_inputs,
+                           tol=tol, raise_on_mismatch=raise_on_mismatch, say=say, calib=calib, int8_io=int8_io,
+                           random_calibration=random_calibration, allow_flex=allow_flex)
     finally:
         model.train(was_training)
     keras_model.tracer_result = result
     return result
+
+
+def _export_tflite(result: ConversionResult, model: torch.nn.Module, inputs: tuple, kinds: Sequence[str], *,
+                   raise_on_mismatch: bool, say: Callable[[str], None], **options: Any) -> None:
+    """TFLite files and their LiteRT parity reports onto ``result`` (fp32 is held to ``tol``)."""
+    from tracer.litert_check import export_and_check
+    sample = [t.detach().cpu().numpy() for t in inputs]
+    result.tflite, result.tflite_reports = export_and_check(
+        model, result.keras_model, kinds, sample, result.input_layouts, result.output_layouts, say=say, **options)
+    for report in result.tflite_reports.values():
+        if raise_on_mismatch and not report.ok:
+            raise ParityError(report)
 
 
 def _every_quarter(say: Callable[[str], None]) -> Callable[[int, int], None]:
@@ -149,6 +178,17 @@ def convert(model: torch.nn.Module, sample_input: Any, **options: Any) -> Any:
         extra_inputs: more input tuples (numpy) to compare on.
         tol: fp32 tolerance, max|diff| <= tol * max(1, max|y|).
         raise_on_mismatch: raise ParityError when parity fails (default True).
+        capture: "auto" (torch.fx; torch.export when fx cannot trace the model), "fx" or "export".
+            ``tracer_result.facts()["capture"]`` says which was used and why.
+        tflite: TFLite kinds to export, any of "fp32", "fp16", "dynamic", "int8"
+            (``tracer_result.tflite[kind]`` holds the bytes). With ``check``, each runs in LiteRT
+            on the tester's inputs (``tracer_result.tflite_reports[kind]``); fp32 is held to ``tol``,
+            the others are reported (max abs diff, top-1 agreement for 2-D outputs).
+        calib: int8 calibration data in PyTorch layout: an array of samples, a list of arrays (one
+            per input), a folder of .npy/.npz/image files or a callable yielding input lists.
+        int8_io: int8 model with int8 inputs/outputs instead of float ones.
+        random_calibration: allow int8 without ``calib`` (calibrates on noise; warns).
+        allow_flex: allow Select TF (Flex) ops in the TFLite files.
 
     Returns the Keras model; ``keras_model.tracer_result`` holds the ConversionResult with
     the parity report (``.report``), the graph and conversion facts.

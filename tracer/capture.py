@@ -3,7 +3,8 @@
 Modules that have a rule stay leaves; everything else is traced through. A run of the traced
 module on the sample input records each node's shape and dtype; nodes that do not depend on
 the inputs (parameter arithmetic, creation ops, ``x.size()`` arithmetic) are folded into
-constants so rules see plain numbers.
+constants so rules see plain numbers. Models fx cannot trace are captured with torch.export
+into the same IR (tracer/capture_export.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
-from tracer.errors import CaptureError
+from tracer.errors import CaptureError, InputError
 from tracer.ir import OP, OpNode, Ref, Source
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -108,6 +109,8 @@ def normalize(n: fx.Node, args: tuple, kwargs: dict) -> dict:
 
 
 def _signatures(target: Any) -> list[inspect.Signature]:
+    if isinstance(target, torch._ops.OpOverload):  # ATen ops (torch.export graphs): names from the schema
+        return list(get_signature_for_torch_op(target) or [])
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):
@@ -137,9 +140,37 @@ def trace(model: torch.nn.Module, is_leaf: Callable[[torch.nn.Module], bool]) ->
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+CAPTURE_METHODS = ("auto", "fx", "export")
+
+
 def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-            is_leaf: Callable[[torch.nn.Module], bool]) -> nx.DiGraph:
-    """Trace ``model`` and build the IR graph, shapes recorded from ``inputs``."""
+            is_leaf: Callable[[torch.nn.Module], bool], method: str = "auto") -> nx.DiGraph:
+    """Capture ``model`` and build the IR graph, shapes recorded from ``inputs``.
+
+    ``method``: "fx" (torch.fx symbolic tracing), "export" (torch.export, ATen level) or "auto":
+    fx, and torch.export when fx cannot capture the model. ``graph.graph["capture"]`` records
+    which was used and why. Weights computed by parametrizations are baked in either way.
+    """
+    from fixes.parametrizations import bake_parametrizations
+    from tracer.capture_export import capture_export, fx_failure
+
+    if method not in CAPTURE_METHODS:
+        raise InputError(f"capture must be one of {', '.join(CAPTURE_METHODS)}. Received: capture={method!r}")
+    if method == "export":
+        graph = capture_export(model, inputs, reason="requested with capture='export'")
+    else:
+        try:
+            graph = capture_fx(model, inputs, is_leaf)
+        except CaptureError as exc:
+            if method == "fx":
+                raise
+            graph = capture_export(model, inputs, reason=fx_failure(model, exc), fx_error=exc)
+    return bake_parametrizations(graph, model)
+
+
+def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+               is_leaf: Callable[[torch.nn.Module], bool]) -> nx.DiGraph:
+    """Trace ``model`` with torch.fx and build the IR graph."""
     gm = trace(model, is_leaf)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
@@ -148,7 +179,9 @@ def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     recorder = _Recorder(gm)
     with torch.no_grad():
         recorder.run(*inputs)
-    return _build_graph(gm, recorder)
+    graph = _build_graph(gm, recorder)
+    graph.graph["capture"] = {"method": "fx", "reason": "torch.fx traced the model"}
+    return graph
 
 
 def _build_graph(gm: fx.GraphModule, rec: _Recorder) -> nx.DiGraph:

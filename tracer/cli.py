@@ -63,15 +63,72 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tol", type=float, default=1e-5, help="parity tolerance (default 1e-5, fp32)")
     c.add_argument("--no-saved-model", action="store_true", help="skip the TensorFlow SavedModel export")
     c.add_argument("--keep-on-mismatch", action="store_true", help="write the model even when parity fails")
+    _add_tflite_arguments(c)
+    c.add_argument("--verify", choices=["basic", "deep"], default="basic",
+                   help="basic: outputs only (default); deep: also every intermediate node, gradients and one "
+                        "training step, written to report.html and report.json")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     c.add_argument("-q", "--quiet", action="store_true", help="print only errors and the verdict")
+    _add_verify_command(sub)
     return p
+
+
+def _add_verify_command(sub: Any) -> None:
+    v = sub.add_parser("verify", help="re-run the deep checks on a conversion output folder",
+                       description="Rebuild the PyTorch model recorded in OUTDIR/report.json, compare it node by "
+                                   "node and in training mode with the conversion, and write OUTDIR/report.html.")
+    v.add_argument("outdir", metavar="OUTDIR", help="a folder written by tracer convert")
+    v.add_argument("--random-inputs", type=int, default=3, metavar="N", help="random inputs (default 3)")
+    v.add_argument("--distribution", choices=["normal", "uniform"], default="normal",
+                   help="random inputs: standard normal (default) or uniform in [0, 1)")
+    v.add_argument("--inputs", action="append", default=[], metavar="FILE",
+                   help=".npy (one input) or .npz/.pt (several, in order) to also compare on; repeatable")
+    v.add_argument("--tol", type=float, default=1e-5, help="output tolerance (default 1e-5, fp32)")
+    v.add_argument("--node-tol", type=float, default=None, help="per-node tolerance (default: --tol)")
+    v.add_argument("--grad-tol", type=float, default=1e-3, help="gradient tolerance, relative (default 1e-3)")
+    v.add_argument("--no-gradients", action="store_true", help="skip the training-mode checks")
+    v.add_argument("--debug", action="store_true", help="show tracebacks")
+    v.add_argument("-q", "--quiet", action="store_true", help="print only errors and the verdict")
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    from tracer.verify import verify_outdir
+    say = (lambda m: None) if args.quiet else (lambda m: print(f"[tracer] {m}", file=sys.stderr, flush=True))
+    return verify_outdir(args, say)
+
+
+def _add_tflite_arguments(c: argparse.ArgumentParser) -> None:
+    t = c.add_argument_group("LiteRT / TFLite export", "each kind is written as model_KIND.tflite and run in "
+                             "LiteRT on the parity inputs: fp32 must match, the others are reported")
+    t.add_argument("--tflite", action="append", default=[], metavar="KIND", choices=["fp32", "fp16", "dynamic", "int8"],
+                   help="fp32, fp16, dynamic (int8 weights) or int8 (full integer); repeatable")
+    t.add_argument("--calib", default=None, metavar="FILE.npy|DIR",
+                   help="int8 calibration samples in PyTorch layout: a .npy of N samples, or a folder of "
+                        ".npy/.npz/image files (images scaled to [0, 1])")
+    t.add_argument("--int8-io", action="store_true", help="int8 model inputs/outputs (default: float)")
+    t.add_argument("--random-calibration", action="store_true",
+                   help="int8 without --calib: calibrate on random inputs (accuracy is then meaningless)")
+    t.add_argument("--allow-flex", action="store_true", help="allow Select TF (Flex) ops in the .tflite files")
+
+
+def _tflite_options(args: argparse.Namespace) -> dict:
+    return {"tflite": args.tflite, "calib": args.calib, "int8_io": args.int8_io,
+            "random_calibration": args.random_calibration, "allow_flex": args.allow_flex}
+
+
+def _tflite_outputs(result: Any) -> tuple[dict, dict[str, bytes]]:
+    """The report.json "tflite" section and the files to write, for each exported kind."""
+    files = {f"model_{kind}.tflite": data for kind, data in result.tflite.items()}
+    section = {kind: {"file": f"model_{kind}.tflite", "size_bytes": len(data),
+                      **(result.tflite_reports[kind].to_dict() if kind in result.tflite_reports else {"checked": False})}
+               for kind, data in result.tflite.items()}
+    return section, files
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _convert(args)
+        return _verify_command(args) if args.command == "verify" else _convert(args)
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return EXIT_CONVERT
@@ -106,22 +163,43 @@ def _convert(args: argparse.Namespace) -> int:
     extra = [load_inputs(f, len(shapes)) for f in args.inputs]
     start = time.perf_counter()
     result = convert_model(model, sample, channels_last_io=args.channels_last_io, n_random=args.random_inputs,
-                           extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=say)
+                           extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=say,
+                           **_tflite_options(args))
     report = {"target": args.target, "input_shapes": shapes, "parity": result.report.to_dict(),
-              "conversion": result.facts(), "total_seconds": round(time.perf_counter() - start, 3)}
+              "conversion": result.facts(), "total_seconds": round(time.perf_counter() - start, 3),
+              "invocation": _invocation(args, shapes, dtypes)}
+    tflite_section, tflite_files = _tflite_outputs(result)
+    if tflite_section:
+        report["tflite"] = tflite_section
     print(result.report.summary())
-    ok = result.report.ok
+    for tflite_report in result.tflite_reports.values():
+        print(tflite_report.summary())
+    ok = result.report.ok and all(r.ok for r in result.tflite_reports.values())
+    deep_ok = True
+    if args.verify == "deep":  # the model is written on output parity; the exit code includes the deep checks
+        from tracer.verify import verify_for_convert
+        deep_ok = verify_for_convert(model, result, sample, extra, args, report, say)
     if ok or args.keep_on_mismatch:
-        say(f"writing {args.output}/ (model.keras{'' if args.no_saved_model else ', saved_model/'}, report.json)")
-        save_outputs(result.keras_model, args.output, report, saved_model=not args.no_saved_model)
+        say(f"writing {args.output}/ (model.keras{'' if args.no_saved_model else ', saved_model/'}, report.json"
+            f"{''.join(', ' + f for f in tflite_files)})")
+        save_outputs(result.keras_model, args.output, report, saved_model=not args.no_saved_model,
+                     extra_files=tflite_files)
     else:
         save_outputs(result.keras_model, args.output, report, keras_file=False, saved_model=False)
         print(f"tracer: parity failed; wrote only {args.output}/report.json "
               "(--keep-on-mismatch writes the model too)", file=sys.stderr)
+    if args.verify == "deep":
+        from tracer.verify import write_html
+        write_html(args.output, report)
     facts = result.facts()
     print(f"converted in {facts['seconds']:.2f}s: {facts['nodes']} ops, {facts['transpose_ops']} Transpose, "
           f"{facts['keras_params']:,} parameters -> {args.output}/")
-    return EXIT_OK if ok else EXIT_PARITY
+    return EXIT_OK if ok and deep_ok else EXIT_PARITY
+
+
+def _invocation(args: argparse.Namespace, shapes: list, dtypes: list) -> dict:
+    from tracer.verify import invocation  # what `tracer verify OUTDIR` needs to rebuild the model
+    return invocation(args, shapes, dtypes)
 
 
 def parse_shape(text: str) -> list[int]:

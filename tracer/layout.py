@@ -60,7 +60,7 @@ def same_layout(ins: list, ranks: list[int], out_rank: int) -> tuple[list, Phys]
         ref = Phys.identity(full)
     if ref.flat is not None and any(p is not None and p != ref for p in ins):
         ref = Phys.identity(full)
-    req = [ref if k == full else Phys(ref.perm) for k in ranks]
+    req = [ref for _ in ranks]  # with a flat ref, only constants (emitter.context.arrange orders them)
     out = ref if out_rank == full else Phys.identity(out_rank)
     return req, out
 

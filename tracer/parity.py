@@ -87,7 +87,7 @@ def flatten_outputs(value: Any) -> list[torch.Tensor]:
 
 def run_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     with torch.no_grad():
-        out = model(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+        out = model(*[torch.from_numpy(np.array(x)) for x in inputs])  # a copy: forward may modify it in place
     return [t.detach().cpu().numpy() for t in flatten_outputs(out)]
 
 

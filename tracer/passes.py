@@ -1,14 +1,16 @@
 """Graph passes, run in the order of PASSES; each is Graph -> Graph and is checked for integrity."""
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import networkx as nx
 
+from fixes.inplace_ops import functionalize_inplace
 from op_rules.registry import lookup
 from tracer.errors import UnsupportedOpsError
-from tracer.ir import OpNode, check_integrity, ordered, target_name
+from tracer.ir import OP, OpNode, Ref, check_integrity, op, ordered, target_name, update
 from tracer.layout import assign_layouts
 
 
@@ -54,8 +56,65 @@ def remove_dead(graph: nx.DiGraph) -> nx.DiGraph:
     return graph
 
 
+def expand_tuple_outputs(graph: nx.DiGraph) -> nx.DiGraph:
+    """A tuple-valued node returned as is (``return y.chunk(2, 1)``) becomes a tuple of its elements.
+
+    Each element is read by a getitem node, so every model output is one tensor with its own
+    layout, like ``a, b = y.chunk(2, 1); return a, b``.
+    """
+    out = next((n for n in ordered(graph) if n.kind == "output"), None)
+    if out is None:
+        return graph
+    order = graph.graph["order"]
+
+    def expand(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return type(v)(expand(x) for x in v)
+        if isinstance(v, dict):
+            return {k: expand(x) for k, x in v.items()}
+        if not isinstance(v, Ref):
+            return v
+        src = op(graph, v.name)
+        if src.shape is not None or not src.structure or any(s is None for s in src.structure):
+            return v
+        refs = []
+        for k, shape in enumerate(src.structure):
+            name = f"{src.name}_item{k}"
+            while name in graph:
+                name += "_"
+            graph.add_node(name, **{OP: OpNode(
+                name=name, kind="call_function", target=operator.getitem, inputs=(src.name,),
+                args=(Ref(src.name), k), kw={"a": Ref(src.name), "b": k}, shape=tuple(shape),
+                module_path=src.module_path, source=src.source)})
+            graph.add_edge(src.name, name)
+            order.insert(order.index(src.name) + 1 + k, name)
+            refs.append(Ref(name))
+        return tuple(refs)
+
+    args = expand(out.args)
+    inputs = tuple(dict.fromkeys(r.name for r in _refs(args)))
+    for src in out.inputs:
+        if src not in inputs:
+            graph.remove_edge(src, out.name)
+    for src in inputs:
+        graph.add_edge(src, out.name)
+    update(graph, out.name, args=args, inputs=inputs)
+    return graph
+
+
+def _refs(value: Any) -> list[Ref]:
+    if isinstance(value, Ref):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [r for v in value for r in _refs(v)]
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _refs(v)]
+    return []
+
+
 def passes(channels_last_io: bool) -> list[Callable[[nx.DiGraph], nx.DiGraph]]:
-    return [remove_dead, check_supported, lambda g: assign_layouts(g, channels_last_io)]
+    return [functionalize_inplace, expand_tuple_outputs, remove_dead, check_supported,
+            lambda g: assign_layouts(g, channels_last_io)]
 
 
 def run_passes(graph: nx.DiGraph, channels_last_io: bool = False) -> nx.DiGraph:

@@ -1,0 +1,377 @@
+"""LiteRT (TFLite) export: fp32, fp16, dynamic-range and full-integer int8 flatbuffers.
+
+The Keras model is exported to a temporary SavedModel with an inference-mode (``training=False``)
+endpoint, then converted with ``tf.lite.TFLiteConverter.from_saved_model``. (Converting a
+concrete function of a Keras 3 model directly keeps its variables as VAR_HANDLE/READ_VARIABLE
+ops that the interpreter never initializes: garbage outputs; ``from_keras_model`` does what we
+do here but swallows export errors and prints the export summary.)
+
+Only TFLite builtin ops are allowed unless ``allow_flex=True``; a model that would need Select TF
+("Flex") ops is refused with the ops named. Full int8 needs calibration data: given in PyTorch's
+layout, it is permuted into the layouts the conversion chose for the Keras inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from fixes.tflite_axis_linear_map import axis_linear_map_matmul
+from fixes.tflite_conv3d import conv3d_for_litert
+from fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as_conv
+from fixes.tflite_erf import erf_builtin
+from fixes.tflite_high_rank_pad import high_rank_pad_as_3d
+from tracer.errors import ConversionError, InputError, TracerError
+from tracer.ir import Phys
+
+log = logging.getLogger("tracer")
+
+KINDS = ("fp32", "fp16", "dynamic", "int8")
+CALIB_LIMIT = 256  # representative samples used at most (the converter's own advice: ~100-500)
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+
+# Export fixes, tried in order on every operation of the Keras graph: each returns a replacement
+# callable for the ops LiteRT lacks or gets wrong, or None. They change the exported copy only.
+EXPORT_FIXES: tuple[Callable[[Any], Callable | None], ...] = (
+    erf_builtin, axis_linear_map_matmul, dilated_conv_transpose_as_conv, conv3d_for_litert,
+    high_rank_pad_as_3d)
+
+
+class TFLiteExportError(ConversionError):
+    """The converter refused the model (unsupported or non-builtin ops, int8 kernels missing)."""
+
+
+class CalibrationError(InputError):
+    """Full-integer quantization was asked for without usable calibration data."""
+
+
+def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool = False,
+                  allow_flex: bool = False, *, random_calibration: bool = False,
+                  input_layouts: Sequence[Phys] | None = None, calib_limit: int = CALIB_LIMIT,
+                  fixes: Sequence[Callable[[Any], Callable | None]] = EXPORT_FIXES) -> bytes:
+    """Convert ``keras_model`` to a ``.tflite`` flatbuffer and return its bytes.
+
+    Args:
+        kind: "fp32", "fp16" (fp16 weights, fp32 compute where the runtime dequantizes),
+            "dynamic" (int8 weights, activations quantized on the fly) or "int8" (full integer).
+        calib: int8 only. A numpy array of samples (N, *input shape without batch) for a
+            one-input model, a list of such arrays (one per input), a folder of ``.npy`` files
+            or images, or a callable returning an iterable of input lists. Always in PyTorch's
+            layout (NCHW for images); images are scaled to [0, 1].
+        int8_io: int8 only: int8 model inputs and outputs (scale and zero point in the
+            interpreter's tensor details) instead of float ones.
+        allow_flex: allow Select TF ops (needs the Flex delegate at runtime).
+        random_calibration: int8 without ``calib``: calibrate on random normal inputs. The
+            model's accuracy is then meaningless; a warning says so.
+        input_layouts: the ConversionResult's input layouts (default: read from
+            ``keras_model.tracer_result``, else PyTorch's layout).
+        fixes: export fixes (see :data:`EXPORT_FIXES`); they rewrite a weight-sharing copy of
+            the model, never the model itself.
+    """
+    import tensorflow as tf
+
+    check_options([kind], calib, int8_io, random_calibration)
+    layouts = list(input_layouts if input_layouts is not None else _layouts_of(keras_model))
+    representative = None
+    if kind == "int8":
+        representative = calibration_dataset(keras_model, calib, layouts, random_calibration, calib_limit)
+    exported, applied = with_export_fixes(keras_model, fixes)
+    if applied:
+        log.info("TFLite export fixes: %s", "; ".join(applied))
+    with tempfile.TemporaryDirectory(prefix="tracer-tflite-") as tmp:
+        _export_inference(exported, tmp)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        _configure(converter, kind, representative, int8_io, allow_flex)
+        try:
+            with quiet_native_logs():
+                return bytes(converter.convert())
+        except TracerError:  # raised by our calibration generator: already says what is wrong
+            raise
+        except Exception as exc:  # the converter raises ConverterError with MLIR diagnostics
+            raise TFLiteExportError(_explain(exc, kind, allow_flex)) from exc
+
+
+@contextlib.contextmanager
+def quiet_native_logs() -> Iterator[None]:
+    """Silence what the converter and the interpreter print: C++ lines on fd 2 (converter errors
+    also reach the exception we raise), TF's retracing warnings and the calibrator's
+    tf.lite.Interpreter deprecation notice. TRACER_TF_LOGS=1 shows them."""
+    import tensorflow as tf
+
+    if os.environ.get("TRACER_TF_LOGS"):
+        yield
+        return
+    tf_logger, level = tf.get_logger(), tf.get_logger().level
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        tf_logger.setLevel(logging.ERROR)
+        os.dup2(devnull, 2)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+        tf_logger.setLevel(level)
+
+
+def with_export_fixes(keras_model: Any, fixes: Sequence[Callable[[Any], Callable | None]] = EXPORT_FIXES
+                      ) -> tuple[Any, list[str]]:
+    """The model to export and the fixes applied ("<op name>: <fix>"): ``keras_model`` itself when
+    no fix applies, else a clone that shares every other layer (and so its weights)."""
+    import keras
+
+    def replacement(op: Any) -> tuple[Callable | None, str]:
+        for fix in fixes:
+            new = fix(op)
+            if new is not None:
+                return new, f"{op.name}: {fix.__name__}"
+        return None, ""
+
+    applied = [note for op in keras_model.operations for new, note in [replacement(op)] if new is not None]
+    if not applied:
+        return keras_model, []
+
+    def swap(op: Any) -> Any:
+        new, _ = replacement(op)
+        return op if new is None else new
+
+    return keras.models.clone_model(keras_model, clone_function=swap), applied
+
+
+def _configure(converter: Any, kind: str, representative: Callable | None, int8_io: bool, allow_flex: bool) -> None:
+    import tensorflow as tf
+
+    builtins = tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if kind == "int8" else tf.lite.OpsSet.TFLITE_BUILTINS
+    converter.target_spec.supported_ops = [builtins] + ([tf.lite.OpsSet.SELECT_TF_OPS] if allow_flex else [])
+    if kind == "fp32":
+        return
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if kind == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif kind == "int8":
+        converter.representative_dataset = representative
+        if int8_io:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+
+
+def _export_inference(keras_model: Any, path: str) -> None:
+    """A SavedModel whose 'serving_default' calls the model with training=False."""
+    import functools
+
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(keras_model)
+    specs = [tf.TensorSpec(t.shape, dtype=t.dtype, name=t.name) for t in keras_model.inputs]
+    signature = [specs] if len(specs) > 1 else specs
+    archive.add_endpoint("serve", functools.partial(keras_model.__call__, training=False), signature)
+    archive.write_out(path, verbose=False)
+
+
+def _layouts_of(keras_model: Any) -> list[Phys]:
+    result = getattr(keras_model, "tracer_result", None)
+    if result is not None:
+        return list(result.input_layouts)
+    return [Phys.identity(len(t.shape)) for t in keras_model.inputs]
+
+
+_FLEX = re.compile(r"(?:TF Select|Flex) ops:\s*([^\n]+)", re.I)
+_TF_OP = re.compile(r"'(tf\.\w+)' op")
+
+
+def _explain(exc: Exception, kind: str, allow_flex: bool) -> str:
+    """The converter's failure in one paragraph: which ops, why, what to do."""
+    text = str(exc)
+    flex = sorted({op.strip() for m in _FLEX.finditer(text) for op in m.group(1).split(",") if op.strip()})
+    ops = sorted(set(_TF_OP.findall(text)))
+    if flex or ("ERROR_NEEDS_FLEX_OPS" in text and not allow_flex):
+        names = ", ".join(flex or ops) or "(see the converter's details below)"
+        return (f"TFLite {kind} conversion needs Select TF (Flex) ops: {names}. They are not TFLite builtins, "
+                "so LiteRT cannot run them without the Flex delegate. Add an export fix in fixes/ that "
+                "rewrites them with builtin ops, or pass allow_flex=True (--allow-flex) and ship the Flex "
+                f"delegate with the model.\n{_details(text)}")
+    if kind == "int8" and ops:
+        return (f"TFLite int8 conversion failed: no int8 kernel for {', '.join(ops)}. Full-integer models "
+                f"need every op quantizable; try kind='dynamic' or 'fp16'.\n{_details(text)}")
+    return f"TFLite {kind} conversion failed: {type(exc).__name__}: {_details(text)}"
+
+
+def _details(text: str, n: int = 8) -> str:
+    """The converter's 'Details:' lines (one per offending op) if it gave them, else its first lines."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Details:" in lines:
+        rest = lines[lines.index("Details:") + 1:]
+        lines = list(itertools.takewhile(lambda ln: ln.startswith("tf."), rest))
+        head = "converter details:\n  "
+    else:
+        head = "converter: "
+    more = f"\n  ... ({len(lines) - n} more lines)" if len(lines) > n else ""
+    return head + "\n  ".join(ln[:300] for ln in lines[:n]) + more
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+def check_options(kinds: Sequence[str], calib: Any = None, int8_io: bool = False,
+                  random_calibration: bool = False) -> None:
+    """Refuse bad TFLite options before any work is done (unknown kinds, int8 without data)."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise InputError(f"unknown TFLite kind(s) {', '.join(map(repr, unknown))}; choose from {', '.join(KINDS)}")
+    if int8_io and "int8" not in kinds:
+        raise InputError("int8 I/O applies to the int8 model only; add 'int8' to the TFLite kinds")
+    if "int8" in kinds and calib is None and not random_calibration:
+        raise CalibrationError(
+            "full-integer int8 needs calibration data: pass calib= (a numpy array of samples in "
+            "PyTorch layout, a folder of .npy files or images, or a callable yielding input lists), "
+            "or --calib FILE.npy|DIR on the command line. random_calibration=True "
+            "(--random-calibration) calibrates on noise, which makes the int8 accuracy meaningless.")
+
+
+def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], random_calibration: bool,
+                        limit: int = CALIB_LIMIT) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """A representative_dataset callable yielding {input name: sample} in the Keras model's layouts."""
+    check_options(["int8"], calib, random_calibration=random_calibration)
+    names = [t.name for t in keras_model.inputs]  # the serving signature's input names
+    torch_shapes = [_torch_shape(tuple(t.shape), p) for t, p in zip(keras_model.inputs, layouts)]
+    if calib is None:
+        warnings.warn("int8 calibration on random normal inputs (random_calibration=True): the quantization "
+                      "ranges do not reflect real data, so the int8 model's accuracy is meaningless",
+                      UserWarning, stacklevel=3)
+
+    dtypes = [str(t.dtype) for t in keras_model.inputs]
+
+    def dataset() -> Iterator[dict[str, np.ndarray]]:
+        count = 0
+        for arrays in itertools.islice(calibration_samples(calib, torch_shapes, dtypes), limit):
+            # by name: the converter's own input order need not be the Keras model's
+            yield {n: np.ascontiguousarray(np.transpose(a, p.perm)) for n, a, p in zip(names, arrays, layouts)}
+            count += 1
+        if count == 0:
+            raise CalibrationError("the calibration data yielded no samples")
+
+    return dataset
+
+
+def calibration_samples(calib: Any, torch_shapes: Sequence[tuple],
+                        dtypes: Sequence[str] | None = None) -> Iterator[list[np.ndarray]]:
+    """One checked sample at a time, a list of (1, ...) arrays in PyTorch layout (random ones
+    of ``dtypes`` when ``calib`` is None). ``torch_shapes``: input shapes, batch first (any value)."""
+    if calib is None:
+        rng = np.random.default_rng(0)
+        dts = list(dtypes or ["float32"] * len(torch_shapes))
+        raw: Iterable = ([rng.integers(0, 2, (1, *s[1:])).astype(d) if not d.startswith("float")
+                          else rng.standard_normal((1, *s[1:])).astype(np.float32) for s, d in zip(torch_shapes, dts)]
+                         for _ in range(64))
+    else:
+        raw = _source(calib, torch_shapes)
+    for sample in raw:
+        yield _check_sample(sample, torch_shapes)
+
+
+def _torch_shape(keras_shape: tuple, phys: Phys) -> tuple:
+    """Torch shape (batch None) of an input whose Keras shape is ``keras_shape``."""
+    out: list = [None] * len(keras_shape)
+    for keras_axis, torch_axis in enumerate(phys.perm):
+        out[torch_axis] = keras_shape[keras_axis]
+    return tuple(out)
+
+
+def _source(calib: Any, torch_shapes: Sequence[tuple]) -> Iterable:
+    """The accepted calibration sources as an iterable of samples (one array or a list per sample)."""
+    if callable(calib):
+        return calib()
+    if isinstance(calib, (str, Path)):
+        path = Path(calib)
+        if path.is_dir():
+            return _folder_samples(path, torch_shapes)
+        if path.is_file() and path.suffix == ".npy":
+            return _split([np.load(path, allow_pickle=False)], torch_shapes)
+        raise CalibrationError(f"calibration path {path} is neither a folder nor a .npy file")
+    if isinstance(calib, np.ndarray):
+        return _split([calib], torch_shapes)
+    if isinstance(calib, (list, tuple)) and calib and all(isinstance(a, np.ndarray) for a in calib):
+        return _split(list(calib), torch_shapes)
+    raise CalibrationError(f"calibration data must be a numpy array, a list of arrays (one per input), a "
+                           f"folder, a .npy file or a callable; got {type(calib).__name__}")
+
+
+def _split(arrays: list[np.ndarray], torch_shapes: Sequence[tuple]) -> Iterator[list[np.ndarray]]:
+    """Arrays holding N samples each (or one sample without the batch axis) -> one sample at a time."""
+    if len(arrays) != len(torch_shapes):
+        raise CalibrationError(f"calibration gives {len(arrays)} array(s), the model takes {len(torch_shapes)} inputs")
+    batched = [a if a.ndim == len(s) else a[None] for a, s in zip(arrays, torch_shapes)]
+    for i in range(min(a.shape[0] for a in batched)):
+        yield [a[i:i + 1] for a in batched]
+
+
+def _folder_samples(path: Path, torch_shapes: Sequence[tuple]) -> Iterator[list[np.ndarray]]:
+    """Each .npy (samples of a one-input model), .npz (one array per input, in order) or image
+    file of the folder, in name order."""
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in {".npy", ".npz", *_IMAGE_SUFFIXES})
+    if not files:
+        raise CalibrationError(f"calibration folder {path} holds no .npy, .npz or image files")
+    for f in files:
+        if f.suffix == ".npy":
+            yield from _split([np.load(f, allow_pickle=False)], torch_shapes)
+        elif f.suffix == ".npz":
+            with np.load(f, allow_pickle=False) as z:
+                arrays = [z[k] for k in z.files]
+            yield from _split(arrays, torch_shapes)
+        else:
+            yield [_load_image(f, torch_shapes)]
+
+
+def _load_image(path: Path, torch_shapes: Sequence[tuple]) -> np.ndarray:
+    """An image file as a (1, C, H, W) float32 array in [0, 1], resized to the model's input."""
+    import tensorflow as tf
+
+    shape = torch_shapes[0]
+    if len(torch_shapes) != 1 or len(shape) != 4:
+        raise CalibrationError("image calibration needs a model with one (N, C, H, W) input; "
+                               f"it takes {list(torch_shapes)}")
+    _, c, h, w = shape
+    if c not in (1, 3):
+        raise CalibrationError(f"image calibration needs 1 or 3 input channels, the model has {c}; give .npy files")
+    image = tf.io.decode_image(path.read_bytes(), channels=c, expand_animations=False)
+    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (h, w)).numpy()
+    return np.transpose(image, (2, 0, 1))[None].astype(np.float32)
+
+
+def _check_sample(sample: Any, torch_shapes: Sequence[tuple]) -> list[np.ndarray]:
+    arrays = [sample] if not isinstance(sample, (list, tuple)) else list(sample)
+    arrays = [np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for a in arrays]
+    if len(arrays) != len(torch_shapes):
+        raise CalibrationError(f"a calibration sample has {len(arrays)} array(s), "
+                               f"the model takes {len(torch_shapes)} inputs")
+    out = []
+    for a, s in zip(arrays, torch_shapes):
+        a = a[None] if a.ndim == len(s) - 1 else a
+        if a.ndim != len(s) or tuple(a.shape[1:]) != tuple(s[1:]):
+            raise CalibrationError(f"calibration sample of shape {a.shape} does not fit the input shape "
+                                   f"(N, {', '.join(str(d) for d in s[1:])}) (PyTorch layout)")
+        out.append(a.astype(np.float32) if a.dtype.kind == "f" else a)
+    return out
+
+
+def op_counts(model_bytes: bytes) -> dict[str, int]:
+    """Operators in a flatbuffer by name, e.g. {"CONV_2D": 3, "FlexErf": 1}."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    with quiet_native_logs():
+        ops = Interpreter(model_content=model_bytes)._get_ops_details()
+    return dict(sorted(Counter(o["op_name"] for o in ops).items()))

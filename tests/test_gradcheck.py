@@ -1,0 +1,232 @@
+"""Gradient parity: training-mode gradients, one SGD step and BatchNorm statistics, by parameter name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from op_rules import Layout
+from tests.helpers import randomize_bn
+from tests.test_verify import broken
+from tracer import convert_model
+from tracer.cli import load_model
+from tracer.gradcheck import check_gradients, map_parameters
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, cin, cout, k, stride=1, groups=1):
+        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 conv-BN + 1x1 conv-BN (+ identity BN), ReLU."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.dense, self.one = ConvBN(cin, cout, 3, stride), ConvBN(cin, cout, 1, stride)
+        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.dense(x) + self.one(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return self.act(y)
+
+
+class RepVGGish(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stages = nn.Sequential(RepVGGBlock(3, 8, 2), RepVGGBlock(8, 8), RepVGGBlock(8, 16, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.stages(x)), 1))
+
+
+class RepVGGDW(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.conv1 = ConvBN(c, c, 3, groups=c), nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, c // r, 1), nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(s))))
+
+
+class RepViTBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.token_mixer = nn.Sequential(RepVGGDW(c), SqueezeExcite(c))
+        self.channel_mixer = nn.Sequential(ConvBN(c, 2 * c, 1), nn.GELU(), ConvBN(2 * c, c, 1))
+
+    def forward(self, x):
+        x = self.token_mixer(x)
+        return x + self.channel_mixer(x)
+
+
+class RepViTKWSish(nn.Module):
+    """A keyword-spotting RepViT in miniature: (N, frames, mels) log-mel input, 12 classes."""
+
+    def __init__(self, classes=12):
+        super().__init__()
+        self.stem = nn.Sequential(ConvBN(1, 8, 3, 2), nn.GELU(), ConvBN(8, 16, 3, 2))
+        self.blocks = nn.Sequential(RepViTBlock(16), RepViTBlock(16))
+        self.norm = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x.unsqueeze(1)))
+        return self.head(self.drop(self.norm(x.mean((2, 3)))))
+
+
+def _converted(model: nn.Module, *shape: int):
+    torch.manual_seed(0)
+    model = randomize_bn(model).eval()
+    sample = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    return model, convert_model(model, sample, n_random=1)
+
+
+def _bn_count(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("make, shape", [(RepVGGish, (2, 3, 16, 16)), (RepViTKWSish, (2, 20, 16))],
+                         ids=["repvgg", "repvit_kws"])
+def test_gradient_parity_on_reparameterizable_cnns(make, shape):
+    model, result = _converted(make(), *shape)
+    report = check_gradients(model, result, [np.zeros(shape, np.float32)], batch=4)
+    assert report.ok, report.summary()
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert sorted(d.name for d in report.params) == sorted(trainable)  # every parameter, by name
+    assert len(report.steps) == len(trainable) and all(d.ok for d in report.steps)
+    assert report.inputs and report.inputs[0].ok
+    assert abs(report.loss_torch - report.loss_keras) < 1e-4 * max(1.0, abs(report.loss_torch))
+    # BatchNorm moving mean: identical; moving variance: exactly PyTorch's unbiased-variance factor apart
+    means = [d for d in report.bn_stats if d.name.endswith("moving_mean")]
+    assert len(means) == _bn_count(model) and all(d.ok for d in means)
+    assert len(report.known_differences) == _bn_count(model)
+    assert all("unbiased batch variance" in k and "n/(n-1)" in k for k in report.known_differences)
+
+
+@pytest.mark.parametrize("target, shape", [("repvit_kws.py:build", (2, 100, 40)), ("repvgg.py:build_a0", (2, 3, 32, 32))],
+                         ids=["repvit_kws", "repvgg_a0"])
+def test_gradient_parity_on_examples(target, shape):
+    path = EXAMPLES / target.partition(":")[0]
+    if not path.exists():
+        pytest.skip(f"{path} is not in the tree")
+    model, result = _converted(load_model(f"{path}:{target.partition(':')[2]}", None), *shape)
+    report = check_gradients(model, result, [np.zeros(shape, np.float32)], batch=2)
+    assert report.ok, report.summary()
+    assert sorted(d.name for d in report.params) == sorted(k for k, p in model.named_parameters() if p.requires_grad)
+
+
+def test_known_difference_names_the_exact_factor():
+    model, result = _converted(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 1, 3, 6, 6)
+    report = check_gradients(model, result, [np.zeros((1, 3, 6, 6), np.float32)], batch=2)
+    (known,) = report.known_differences
+    assert known.startswith("1.running_var:") and "32/31" in known  # 2 samples x 4 x 4 positions
+
+
+def test_state_is_restored():
+    model, result = _converted(RepVGGish(), 2, 3, 16, 16)
+    before_t = {k: v.clone() for k, v in model.state_dict().items()}
+    before_k = result.keras_model.get_weights()
+    check_gradients(model, result, [np.zeros((2, 3, 16, 16), np.float32)])
+    assert not model.training and all(not m.training for m in model.modules())
+    assert all(torch.equal(before_t[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(np.array_equal(a, b) for a, b in zip(before_k, result.keras_model.get_weights()))
+
+
+def test_parameter_map_covers_kernel_layouts():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3)
+            self.dw = nn.Conv2d(6, 12, 3, groups=6)
+            self.up = nn.ConvTranspose2d(12, 4, 2, stride=2)
+            self.fc = nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.fc(self.up(self.dw(self.conv(x))).flatten(1))
+
+    model, result = _converted(Mixed(), 1, 3, 6, 6)
+    maps, unmatched = map_parameters(model, result.keras_model)
+    how = {m.torch_name: m.how for m in maps}
+    assert not unmatched
+    assert how["conv.weight"].startswith("conv") and how["dw.weight"].startswith("depthwise")
+    assert how["fc.weight"] == "by value"  # the NHWC flattening order is folded into the kernel
+    report = check_gradients(model, result, [np.zeros((1, 3, 6, 6), np.float32)], batch=2)
+    assert report.ok, report.summary()
+
+
+def test_shared_module_trains_differently_and_is_named():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))
+
+    model, result = _converted(Shared(), 1, 4, 5, 5)
+    report = check_gradients(model, result, [np.zeros((1, 4, 5, 5), np.float32)], batch=2)
+    assert all(d.ok for d in report.params), "the gradient is the sum over both Keras copies"
+    steps = {m.name for m in report.mismatches if m.kind == "sgd_step"}
+    assert steps == {"conv.weight", "conv.bias"}
+    assert "shares it between 2 calls" in report.mismatches[0].message
+
+
+def test_gradient_bug_invisible_in_forward_is_caught():
+    """A rule whose forward is right but blocks the gradient: only gradient parity can see it."""
+    def gelu_no_grad(node, ctx):
+        return keras.ops.stop_gradient(keras.activations.gelu(ctx.input(node, 0), approximate=False))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 2, 1))
+    with broken((nn.GELU,), gelu_no_grad, Layout.ANY):
+        model, result = _converted(model, 1, 3, 6, 6)
+    report = check_gradients(model, result, [np.zeros((1, 3, 6, 6), np.float32)], batch=2)
+    bad = {m.name for m in report.mismatches if m.kind == "gradient"}
+    assert bad == {"input 0", "0.weight", "0.bias"}, report.summary()  # upstream of the GELU only
+
+
+def test_frozen_batchnorm_in_keras_is_named():
+    def bn_frozen(node, ctx):
+        m = node.module
+        layer = keras.layers.BatchNormalization(axis=-1, epsilon=m.eps, momentum=0.9, name=ctx.name(node))
+        y = layer(ctx.input(node, 0))
+        layer.set_weights([t.detach().numpy() for t in (m.weight, m.bias, m.running_mean, m.running_var)])
+        layer.trainable = False
+        return y
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with broken((nn.BatchNorm2d,), bn_frozen, Layout.CHANNELS_LAST):
+        model, result = _converted(model, 1, 3, 6, 6)
+    report = check_gradients(model, result, [np.zeros((1, 3, 6, 6), np.float32)], batch=2)
+    named = {m.name: m.message for m in report.mismatches}
+    assert "not trainable" in named["1.weight"] and "not trainable" in named["1.bias"]
+
+
+def test_cumulative_momentum_is_reported():
+    model, result = _converted(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None)), 1, 3, 6, 6)
+    report = check_gradients(model, result, [np.zeros((1, 3, 6, 6), np.float32)], batch=2)
+    assert any(m.kind == "bn_stats" and "momentum=None" in m.message for m in report.mismatches)

@@ -1,0 +1,208 @@
+"""LiteRT runtime parity: run ``.tflite`` flatbuffers with the LiteRT interpreter on the inputs of
+the differential tester (tracer/parity.py) and compare with PyTorch.
+
+fp32 must match PyTorch within the tester's tolerance; fp16, dynamic-range and int8 models are
+reported (max abs diff and, for classifier outputs (2-D), top-1 agreement with PyTorch) but not
+held to it. Quantized inputs and outputs are converted with their scale and zero point; the batch
+size follows the inputs (resize_tensor_input + allocate_tensors).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from emitter.tflite import calibration_samples, check_options, export_tflite, op_counts, quiet_native_logs
+from tracer.ir import Phys
+from tracer.parity import DEFAULT_TOL, ParityReport, check_parity, flatten_outputs
+
+STRICT_KINDS = ("fp32",)  # held to the tolerance; the others are reported only
+
+
+class LiteRTRunner:
+    """A ``.tflite`` model callable like the Keras model: ``runner(x or [x, y], training=False)``.
+
+    Inputs and outputs are in the Keras model's layouts (parity.run_keras permutes them), matched
+    to the Keras model by the serving signature's names.
+    """
+
+    def __init__(self, model_bytes: bytes, input_names: Sequence[str] | None = None, num_threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_content=model_bytes, num_threads=num_threads)
+        runner = self.interpreter.get_signature_runner()
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+        names = list(input_names) if input_names else list(ins)
+        if sorted(names) != sorted(ins):
+            raise ValueError(f"the .tflite signature has inputs {sorted(ins)}, expected {names}")
+        self.inputs = [ins[n] for n in names]
+        self.outputs = [outs[n] for n in sorted(outs, key=_output_position)]
+        self.calls: list[list[np.ndarray]] = []  # float outputs of each call, in Keras layout
+        self._shapes: list[tuple] | None = None
+
+    def __call__(self, feed: Any, training: bool = False) -> list[np.ndarray]:
+        arrays = list(feed) if isinstance(feed, (list, tuple)) else [feed]
+        it = self.interpreter
+        shapes = [tuple(a.shape) for a in arrays]
+        if shapes != self._shapes:
+            for d, shape in zip(self.inputs, shapes):
+                it.resize_tensor_input(d["index"], shape)
+            with quiet_native_logs():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
+                it.allocate_tensors()
+            self._shapes = shapes
+        for d, a in zip(self.inputs, arrays):
+            it.set_tensor(d["index"], quantize(np.asarray(a), d))
+        it.invoke()
+        out = [dequantize(it.get_tensor(d["index"]), d) for d in self.outputs]
+        self.calls.append(out)
+        return out
+
+
+def _output_position(name: str) -> tuple:
+    """Signature outputs are output_0, output_1, ...: numeric order, not string order."""
+    head, _, tail = name.rpartition("_")
+    return (head, int(tail)) if tail.isdigit() else (name, 0)
+
+
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = detail["dtype"]
+    if np.dtype(dtype).kind == "f" or not np.issubdtype(x.dtype, np.floating):
+        return np.ascontiguousarray(x.astype(dtype))
+    scale, zero = detail["quantization"]
+    if scale == 0:
+        return np.ascontiguousarray(x.astype(dtype))
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
+def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero = detail["quantization"]
+    if np.dtype(detail["dtype"]).kind in "iu" and scale != 0:
+        return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+    return y
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps the PyTorch model to keep its outputs, for top-1 agreement over the tester's trials."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls: list[list[np.ndarray]] = []
+
+    def forward(self, *args: Any) -> Any:
+        out = self.model(*args)
+        self.calls.append([t.detach().cpu().numpy() for t in flatten_outputs(out)])
+        return out
+
+
+@dataclass
+class LiteRTReport:
+    """One ``.tflite`` variant against PyTorch on the tester's inputs."""
+
+    kind: str
+    parity: ParityReport
+    strict: bool  # held to the tolerance (fp32)
+    top1_agreement: list[float | None] = field(default_factory=list)  # per output, all trials; None if not 2-D
+    top1_by_trial: dict[str, list[float | None]] = field(default_factory=dict)  # trial label -> per output
+    calib_trial: str | None = None  # label of the trial made of calibration samples (real data)
+    size_bytes: int = 0
+    ops: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.parity.ok if self.strict else True
+
+    def summary(self) -> str:
+        agree = ", ".join("-" if a is None else f"{100 * a:.1f}%" for a in self.top1_agreement)
+        head = (f"tflite {self.kind}: {'OK' if self.parity.ok else 'MISMATCH'}" if self.strict
+                else f"tflite {self.kind}: reported")
+        line = f"{head}  max abs {self.parity.max_abs:.3e}  scaled {self.parity.max_rel:.3e}"
+        if any(a is not None for a in self.top1_agreement):
+            line += f"  top-1 agreement {agree}"
+            calib = self.top1_by_trial.get(self.calib_trial or "")
+            if calib and any(a is not None for a in calib):
+                line += " (on calibration samples: " + ", ".join(
+                    "-" if a is None else f"{100 * a:.1f}%" for a in calib) + ")"
+        line += f"  ({self.size_bytes:,} bytes)"
+        return line if self.ok else line + "\n" + self.parity.summary()
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "strict": self.strict, "ok": self.ok, "max_abs": self.parity.max_abs,
+                "max_rel": self.parity.max_rel, "top1_agreement": self.top1_agreement,
+                "top1_by_trial": self.top1_by_trial, "calib_trial": self.calib_trial,
+                "size_bytes": self.size_bytes, "ops": self.ops, "parity": self.parity.to_dict()}
+
+
+def check_litert(model: torch.nn.Module, model_bytes: bytes, kind: str, sample: Sequence[np.ndarray],
+                 in_layouts: Sequence[Phys], out_layouts: Sequence[Phys], input_names: Sequence[str] | None = None,
+                 n_random: int = 3, extra: Sequence[Sequence[np.ndarray]] = (), tol: float = DEFAULT_TOL,
+                 seed: int = 0) -> LiteRTReport:
+    """Run ``model_bytes`` and PyTorch on the differential tester's inputs (parity.check_parity)."""
+    runner = LiteRTRunner(model_bytes, input_names)
+    recorder = _Recorder(model).eval()
+    parity = check_parity(recorder, runner, sample, in_layouts, out_layouts, n_random=n_random, extra=extra,
+                          tol=tol, seed=seed)
+    by_trial = {t.label: top1_agreement([e], [g], out_layouts)
+                for t, e, g in zip(parity.trials, recorder.calls, runner.calls)}
+    return LiteRTReport(kind=kind, parity=parity, strict=kind in STRICT_KINDS,
+                        top1_agreement=top1_agreement(recorder.calls, runner.calls, out_layouts),
+                        top1_by_trial=by_trial, size_bytes=len(model_bytes), ops=op_counts(model_bytes))
+
+
+def top1_agreement(expected_calls: list[list[np.ndarray]], got_calls: list[list[np.ndarray]],
+                   out_layouts: Sequence[Phys]) -> list[float | None]:
+    """Per output: the fraction of rows whose argmax agrees (2-D outputs of 2+ classes, else None)."""
+    result: list[float | None] = []
+    for i, phys in enumerate(out_layouts):
+        first = expected_calls[0][i] if expected_calls else None
+        if first is None or first.ndim != 2 or first.shape[-1] < 2 or not phys.is_identity:
+            result.append(None)
+            continue
+        e = np.concatenate([c[i].argmax(-1) for c in expected_calls])
+        g = np.concatenate([c[i].argmax(-1) for c in got_calls])
+        result.append(float(np.mean(e == g)))
+    return result
+
+
+def keras_input_names(keras_model: Any) -> list[str]:
+    """Signature input names of an exported Keras model, in the Keras model's input order."""
+    return [t.name for t in keras_model.inputs]
+
+
+CALIB_TRIAL = 8  # calibration samples added to the tester's inputs as one batch
+
+
+def export_and_check(model: torch.nn.Module, keras_model: Any, kinds: Sequence[str], sample: Sequence[np.ndarray],
+                     in_layouts: Sequence[Phys], out_layouts: Sequence[Phys], *, calib: Any = None,
+                     int8_io: bool = False, random_calibration: bool = False, allow_flex: bool = False,
+                     check: bool = True, n_random: int = 3, extra: Sequence[Sequence[np.ndarray]] = (),
+                     tol: float = DEFAULT_TOL, say: Callable[[str], None] = lambda m: None,
+                     ) -> tuple[dict[str, bytes], dict[str, LiteRTReport]]:
+    """Export each TFLite kind and (``check``) run it against PyTorch on the tester's inputs, plus
+    one batch of calibration samples when calibration data is given (``report.calib_trial``)."""
+    check_options(kinds, calib, int8_io, random_calibration)
+    trials = list(extra)
+    if calib is not None and check:
+        first = list(itertools.islice(calibration_samples(calib, [x.shape for x in sample]), CALIB_TRIAL))
+        trials.append([np.concatenate(arrays) for arrays in zip(*first)])
+    files: dict[str, bytes] = {}
+    reports: dict[str, LiteRTReport] = {}
+    for kind in dict.fromkeys(kinds):
+        say(f"exporting TFLite {kind}")
+        files[kind] = export_tflite(keras_model, kind, calib if kind == "int8" else None, int8_io and kind == "int8",
+                                    allow_flex, random_calibration=random_calibration, input_layouts=in_layouts)
+        flex = [op for op in op_counts(files[kind]) if op.startswith("Flex")]
+        if not check or flex:
+            if flex:
+                say(f"not running TFLite {kind} in LiteRT: it uses Select TF ops ({', '.join(flex)})")
+            continue
+        report = check_litert(model, files[kind], kind, sample, in_layouts, out_layouts,
+                              keras_input_names(keras_model), n_random=n_random, extra=trials, tol=tol)
+        if len(trials) > len(extra):
+            report.calib_trial = report.parity.trials[-1].label
+        reports[kind] = report
+    return files, reports
