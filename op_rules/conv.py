@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from emitter.context import Emit
 from fixes.grouped_conv_transpose import grouped_conv_transpose
 from fixes.strided_dilated_conv import spread, strided_dilated, subsample
-from op_rules.common import call_with_weights, crop_spatial, ntuple, pad_spatial, param, spatial_layer, weight_of
+from op_rules.common import (call_with_weights, crop_spatial, ntuple, pad_spatial, param, spatial_layer,
+                             trainable, weight_of)
 from op_rules.registry import Layout, rule
 from tracer.ir import OpNode
 
@@ -78,6 +79,7 @@ def conv(node: OpNode, ctx: Emit) -> Any:
         kernel = np.transpose(s.weight, (*range(2, 2 + s.n), 1, 0))
         layer = spatial_layer("Conv", s.n)(out_ch, s.weight.shape[2:], groups=s.groups, **common)
     y = call_with_weights(layer, x, [kernel, *bias])
+    layer.trainable = trainable(node)  # frozen torch parameters stay frozen
     return subsample(y, s.stride, ctx.name(node, "stride")) if split else y
 
 

@@ -32,6 +32,11 @@ _VARARG_METHODS = {"view": "shape", "reshape": "shape", "permute": "dims", "repe
                    "expand": "size", "tile": "dims", "flip": "dims", "new_zeros": "size",
                    "new_ones": "size", "new_empty": "size"}
 
+# Creation ops: their result depends on size arguments only (sizes are folded into literals).
+_CREATION = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.eye, torch.linspace,
+             torch.tensor, torch.as_tensor}
+_NEW = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
+
 
 class _Tracer(fx.Tracer):
     def __init__(self, is_leaf: Callable[[torch.nn.Module], bool]):
@@ -56,10 +61,18 @@ class _Recorder(fx.Interpreter):
             result = super().run_node(n)
         except Exception as exc:
             raise CaptureError(f"PyTorch failed to run {n.format_node()} at {source_of(n)}: {exc}") from exc
-        if n.op == "placeholder" or any(a.name in self.dynamic for a in n.all_input_nodes):
+        if n.op == "placeholder" or any(a.name in self.dynamic for a in self._value_inputs(n)):
             self.dynamic.add(n.name)
         self.results[n.name] = result
         return result
+
+    def _value_inputs(self, n: fx.Node) -> list[fx.Node]:
+        """The inputs whose values flow into ``n``'s result. A creation op (``torch.arange(x.shape[-1])``,
+        ``x.new_zeros(4)``) reads only sizes, dtype and device, so it is a constant of those sizes."""
+        if (n.op == "call_function" and n.target in _CREATION) or (n.op == "call_method" and n.target in _NEW):
+            return [a for a in n.all_input_nodes if isinstance(self.results.get(a.name), torch.Tensor)
+                    and not (n.op == "call_method" and n.args and a is n.args[0])]
+        return n.all_input_nodes
 
 
 def source_of(n: fx.Node) -> Source:
@@ -156,6 +169,8 @@ def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
 
     if method not in CAPTURE_METHODS:
         raise InputError(f"capture must be one of {', '.join(CAPTURE_METHODS)}. Received: capture={method!r}")
+    # an in-place forward (x.add_(1), relu_(x)) must not change the caller's sample tensors
+    inputs = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
     if method == "export":
         graph = capture_export(model, inputs, reason="requested with capture='export'")
     else:

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy (one input) or .npz/.pt (several, in order) to also compare on; repeatable")
     c.add_argument("--random-inputs", type=int, default=3, metavar="N", help="random inputs to compare on (default 3)")
     c.add_argument("--tol", type=float, default=1e-5, help="parity tolerance (default 1e-5, fp32)")
+    c.add_argument("--capture", choices=["auto", "fx", "export"], default="auto",
+                   help="auto (default): torch.fx, and torch.export when fx cannot trace the model "
+                        "(data-dependent control flow, shape asserts); fx or export force one")
     c.add_argument("--no-saved-model", action="store_true", help="skip the TensorFlow SavedModel export")
     c.add_argument("--keep-on-mismatch", action="store_true", help="write the model even when parity fails")
     _add_tflite_arguments(c)
@@ -163,7 +166,7 @@ def _convert(args: argparse.Namespace) -> int:
     extra = [load_inputs(f, len(shapes)) for f in args.inputs]
     start = time.perf_counter()
     result = convert_model(model, sample, channels_last_io=args.channels_last_io, n_random=args.random_inputs,
-                           extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=say,
+                           extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=say, capture=args.capture,
                            **_tflite_options(args))
     report = {"target": args.target, "input_shapes": shapes, "parity": result.report.to_dict(),
               "conversion": result.facts(), "total_seconds": round(time.perf_counter() - start, 3),

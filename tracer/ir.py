@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
+import torch
 
 OP = "op"  # the single node-attribute key
 
@@ -115,6 +116,8 @@ def target_name(target: Any) -> str:
         return f"Tensor.{target}"
     if isinstance(target, type):
         return f"{target.__module__}.{target.__qualname__}"
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return f"torch.ops.{target}"  # str() of an ATen op is "aten.where.self"
     mod = getattr(target, "__module__", None) or ""
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
     if mod in ("_operator", "operator"):

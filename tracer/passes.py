@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -38,7 +39,7 @@ def rule_stub(node: OpNode) -> str:
     elif isinstance(t, type):
         target, fname = f"{t.__module__}.{t.__qualname__}", t.__name__.lower()
     else:
-        target, fname = target_name(t), getattr(t, "__name__", "op").strip("_")
+        target, fname = target_name(t), re.sub(r"\W", "_", getattr(t, "__name__", "op")).strip("_")
     return (f"@rule({target}, layout=Layout.ANY)\n"
             f"def {fname}(node: OpNode, ctx: Emit):\n"
             f"    x = ctx.input(node, 0)\n"
