@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run: `bash dev.sh example` converts an example; `bash dev.sh test` runs the tests.
+# Set up (idempotent) and run: `bash dev.sh example` converts an example; `bash dev.sh test` runs the tests;
+# `bash dev.sh zoo [--models a,b] [--timeout S] [--json PATH]` converts timm models in their own venv (.venv-zoo).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,6 +26,36 @@ setup() {
   fi
 }
 
+# tests/test_report_html.py renders report.html in headless Chromium; without it that test skips
+chromium_for_tests() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] no chromium (needs root and apt-get to install): the report.html rendering test will skip" >&2
+    return 0
+  fi
+  echo "[setup] installing chromium (apt-get) for the report.html rendering test" >&2
+  local log=.venv/.chromium-apt.log
+  if ! (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq chromium) >"$log" 2>&1; then
+    echo "[setup] apt-get install chromium failed (see $log): the report.html rendering test will skip" >&2
+  fi
+}
+
+# The timm zoo (bench/zoo.py) in a venv of its own: torchvision's PyPI wheels do not import beside the CPU
+# torch build of .venv, so .venv-zoo gets the torch/torchvision pair they were built for, timm, and tracer.
+setup_zoo() {
+  if [ ! -x .venv-zoo/bin/python ]; then
+    echo "[zoo] creating .venv-zoo with $PY" >&2
+    "$PY" -m venv .venv-zoo
+  fi
+  local stamp=.venv-zoo/.tracer-installed
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "[zoo] installing torch 2.14.1, torchvision 0.29.1, timm and tracer into .venv-zoo (several GB)" >&2
+    .venv-zoo/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+    .venv-zoo/bin/python -m pip install -q timm pytest -e .
+    touch "$stamp"
+  fi
+}
+
 case "${1:-}" in
   setup)
     setup ;;
@@ -33,9 +64,14 @@ case "${1:-}" in
     .venv/bin/tracer convert examples/repvit_kws.py:build --input-shape 1,100,40 -o out/repvit_kws ;;
   test)
     setup
+    chromium_for_tests
     shift || true
     .venv/bin/python -m pytest -n 2 -q -p no:cacheprovider "$@" ;;
+  zoo)
+    setup_zoo
+    shift || true
+    .venv-zoo/bin/python bench/zoo.py "$@" ;;
   *)
-    echo "usage: bash dev.sh setup|example|test [pytest args]" >&2
+    echo "usage: bash dev.sh setup|example|test [pytest args]|zoo [zoo args]" >&2
     exit 2 ;;
 esac

@@ -3,9 +3,11 @@
     .venv/bin/python bench/speed.py            # every model, one table
     .venv/bin/python bench/speed.py --only resnet18,repvgg_a0
     .venv/bin/python bench/speed.py --memory   # conversion memory of a >100M-parameter model
+    .venv/bin/python bench/speed.py --scaling  # conversion time against node count
 
 Each model runs in its own subprocess so peak memory (ru_maxrss) is its own. Conversion time
-excludes interpreter and framework import; latency is the median of repeated calls after
+excludes interpreter and framework import and is measured warm (after one throwaway conversion
+of a tiny model in the same process); latency is the median of repeated calls after
 warm-up with 2 threads on both sides (tf.function for Keras, torch.no_grad for PyTorch).
 """
 from __future__ import annotations
@@ -62,6 +64,24 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _warm_up() -> None:
+    """One throwaway conversion of a tiny model: the timed ones then exclude first-use costs."""
+    import torch
+
+    from tracer import convert_model
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval()
+    convert_model(tiny, torch.randn(1, 3, 4, 4), check=False)
+
+
+def _keras_latency(keras_model, perm: tuple, shape: tuple, batch: int, jit: bool = False) -> float:
+    import numpy as np
+    import tensorflow as tf
+    x = tf.constant(np.transpose(np.random.randn(batch, *shape[1:]).astype("float32"), perm))
+    call = tf.function(lambda t: keras_model(t, training=False), jit_compile=jit)
+    return _median_ms(lambda: call(x))
+
+
 def measure(name: str) -> dict:
     import numpy as np
     import tensorflow as tf
@@ -76,24 +96,25 @@ def measure(name: str) -> dict:
     model = _load(path, factory)().eval()
     x = torch.randn(*shape)
     params = sum(p.numel() for p in model.parameters())
+    _warm_up()
     base = _current_rss_mb()
     t = time.perf_counter()
     result = convert_model(model, x, check=False)
     seconds = time.perf_counter() - t
     peak = _rss_mb() - base
-    row = {"model": name, "params": params, "convert_s": seconds, "peak_mb": peak,
+    folded = convert_model(model, x, check=False, fold_bn=True)
+    row = {"model": name, "params": params, "convert_s": seconds, "peak_mb": peak, "nodes": result.facts()["nodes"],
            "transposes": result.transpose_count,
            "transposes_cl": convert_model(model, x, check=False, channels_last_io=True).transpose_count}
-    km = result.keras_model
-    perm = result.input_layouts[0].perm
+    km, perm = result.keras_model, result.input_layouts[0].perm
     for batch in (1, 8):
         xb = torch.randn(batch, *shape[1:])
-        kb = tf.constant(np.transpose(xb.numpy(), perm))
-        call = tf.function(lambda t: km(t, training=False))
         with torch.no_grad():
             row[f"torch_b{batch}_ms"] = _median_ms(lambda: model(xb))
-        row[f"keras_b{batch}_ms"] = _median_ms(lambda: call(kb))
-    row["tflite_b1_ms"] = _tflite_latency(km, np.transpose(x.numpy(), perm))
+        row[f"keras_b{batch}_ms"] = _keras_latency(km, perm, shape, batch)
+    row["keras_fold_b1_ms"] = _keras_latency(folded.keras_model, perm, shape, 1)
+    row["xla_fold_b1_ms"] = _keras_latency(folded.keras_model, perm, shape, 1, jit=True)
+    row["tflite_b1_ms"] = _tflite_latency(folded.keras_model, np.transpose(x.numpy(), perm))
     return row
 
 
@@ -118,7 +139,7 @@ def measure_memory() -> dict:
     model = _load("bench/archs.py", "BigMLP")().eval()
     param_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     x = torch.randn(1, 1024)
-    import keras  # noqa: F401  (framework baseline includes TF)
+    _warm_up()  # the framework baseline includes TF and Keras, initialized
     base = _current_rss_mb()
     t = time.perf_counter()
     convert_model(model, x, check=False)
@@ -126,6 +147,23 @@ def measure_memory() -> dict:
     peak = _rss_mb() - base
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "param_mb": param_mb,
             "peak_above_baseline_mb": peak, "ratio": peak / param_mb, "convert_s": seconds}
+
+
+def measure_scaling() -> dict:
+    """Conversion seconds of conv-BN-ReLU stacks of growing depth: linear in the node count?"""
+    import torch
+
+    from tracer import convert_model
+    _warm_up()
+    rows = []
+    for depth in (16, 32, 64, 128, 256):
+        blocks = [m for _ in range(depth) for m in (torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                                     torch.nn.ReLU())]
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), *blocks).eval()
+        t = time.perf_counter()
+        result = convert_model(model, torch.randn(1, 3, 16, 16), check=False)
+        rows.append({"depth": depth, "nodes": result.facts()["nodes"], "seconds": time.perf_counter() - t})
+    return {"rows": rows}
 
 
 def _run_child(arg: str) -> dict | None:
@@ -143,32 +181,64 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+COLUMNS = [  # header, width, row key or (numerator, denominator) for a ratio, format
+    ("conv s", 7, "convert_s", ".2f"), ("peak MB", 8, "peak_mb", ".0f"), ("nodes", 6, "nodes", "d"),
+    ("T def", 6, "transposes", "d"), ("T cl", 5, "transposes_cl", "d"),
+    ("torch b1", 9, "torch_b1_ms", ".2f"), ("keras b1", 9, "keras_b1_ms", ".2f"),
+    ("k/t b1", 7, ("keras_b1_ms", "torch_b1_ms"), ".2f"),
+    ("torch b8", 9, "torch_b8_ms", ".2f"), ("keras b8", 9, "keras_b8_ms", ".2f"),
+    ("k/t b8", 7, ("keras_b8_ms", "torch_b8_ms"), ".2f"),
+    ("fold b1", 8, "keras_fold_b1_ms", ".2f"), ("f/t b1", 7, ("keras_fold_b1_ms", "torch_b1_ms"), ".2f"),
+    ("xla b1", 8, "xla_fold_b1_ms", ".2f"), ("x/t b1", 7, ("xla_fold_b1_ms", "torch_b1_ms"), ".2f"),
+    ("tfl b1", 8, "tflite_b1_ms", ".2f"), ("l/t b1", 7, ("tflite_b1_ms", "torch_b1_ms"), ".2f"),
+]
+
+
+def _cell(r: dict, key, spec: str):
+    if isinstance(key, tuple):
+        a, b = r.get(key[0]), r.get(key[1])
+        return None if a is None or not b else a / b
+    return r.get(key)
+
+
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<18}{'params':>10}{'conv s':>8}{'peak MB':>9}{'T def':>6}{'T cl':>6}"
-            f"{'torch b1':>10}{'keras b1':>10}{'k/t b1':>8}{'torch b8':>10}{'keras b8':>10}{'k/t b8':>8}{'tfl b1':>9}")
+    """Latencies in ms (median of 30 calls after 5 warm-up ones); ratios are Keras or TFLite over PyTorch.
+
+    keras: tf.function of the default conversion; fold: with fold_bn=True; xla: the folded model
+    under tf.function(jit_compile=True); tfl: the folded model as TFLite fp32 in LiteRT.
+    """
+    import statistics
+    head = f"{'model':<18}{'params':>8}" + "".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS)
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<18}{r['params'] / 1e6:>9.2f}M{r['convert_s']:>8.2f}{r['peak_mb']:>9.0f}"
-              f"{r['transposes']:>6}{r['transposes_cl']:>6}"
-              f"{r['torch_b1_ms']:>9.2f}m{r['keras_b1_ms']:>9.2f}m{r['keras_b1_ms'] / r['torch_b1_ms']:>8.2f}"
-              f"{r['torch_b8_ms']:>9.2f}m{r['keras_b8_ms']:>9.2f}m{r['keras_b8_ms'] / r['torch_b8_ms']:>8.2f}"
-              f"{_fmt(r.get('tflite_b1_ms'), '8.2f')}m")
-    if rows:
-        import statistics
-        print(f"\nmedian conversion {statistics.median(r['convert_s'] for r in rows):.2f} s; "
-              f"median Keras/PyTorch latency at batch 1: "
-              f"{statistics.median(r['keras_b1_ms'] / r['torch_b1_ms'] for r in rows):.2f}x")
+        cells = "".join(f"{_fmt(_cell(r, k, f), f):>{w}}" for _, w, k, f in COLUMNS)
+        print(f"{r['model']:<18}{r['params'] / 1e6:>7.2f}M" + cells)
+    if not rows:
+        return
+    med = lambda key: statistics.median(v for v in (_cell(r, key, "") for r in rows) if v is not None)  # noqa: E731
+    print(f"\nmedians over {len(rows)} models: conversion {med('convert_s'):.2f} s; latency / PyTorch at batch 1: "
+          f"keras {med(('keras_b1_ms', 'torch_b1_ms')):.2f}x, folded {med(('keras_fold_b1_ms', 'torch_b1_ms')):.2f}x, "
+          f"folded+XLA {med(('xla_fold_b1_ms', 'torch_b1_ms')):.2f}x, TFLite {med(('tflite_b1_ms', 'torch_b1_ms')):.2f}x; "
+          f"at batch 8: keras {med(('keras_b8_ms', 'torch_b8_ms')):.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--memory", action="store_true", help="measure conversion memory of a >100M model")
+    ap.add_argument("--scaling", action="store_true", help="conversion time against node count (deep stacks)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure_memory() if args.child == "__memory__" else measure(args.child)))
+        special = {"__memory__": measure_memory, "__scaling__": measure_scaling}
+        print(json.dumps(special[args.child]() if args.child in special else measure(args.child)))
+        return
+    if args.scaling:
+        r = _run_child("__scaling__")
+        for row in (r or {}).get("rows", []):
+            print(f"depth {row['depth']:>4}: {row['nodes']:>5} nodes, {row['seconds']:6.2f} s, "
+                  f"{1e3 * row['seconds'] / row['nodes']:.2f} ms/node")
         return
     if args.memory:
         r = _run_child("__memory__")
@@ -180,6 +250,9 @@ def main() -> None:
     names = [n for n in (args.only.split(",") if args.only else MODELS) if n]
     rows = []
     for name in names:
+        if not (ROOT / MODELS[name][0]).exists():
+            print(f"  {name}: skipped, {MODELS[name][0]} does not exist", file=sys.stderr)
+            continue
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         r = _run_child(name)
         if r:

@@ -6,6 +6,7 @@ conversions are created here, once per (tensor, layout), so every consumer share
 """
 from __future__ import annotations
 
+import collections
 import math
 import re
 from typing import Any
@@ -35,7 +36,8 @@ class Emit:
         want = node.in_layouts[i] if i < len(node.in_layouts) else None
         if src.is_constant:
             return arrange(to_numpy(src.value), want)
-        return self.convert(src, want, reason=f"{node.name} needs it")
+        where = f" ({node.module_path})" if node.module_path else ""
+        return self.convert(src, want, reason=f"{node.name}{where} needs axis order {want.perm if want else ''}")
 
     def tensor_input(self, node: OpNode, i: int = 0) -> Any:
         """Like :meth:`input`, but a constant becomes a Keras tensor too."""
@@ -67,10 +69,11 @@ class Emit:
             f"{node.module_path}.{node.name}" if node.module_path else node.name)
         base = re.sub(r"[^A-Za-z0-9_.\-]", "_", base + (f".{suffix}" if suffix else "")) or "op"
         name, k = base, 1
-        while name in self._names:
+        while name in self._names or _keras_taken(name):
             k += 1
             name = f"{base}_{k}"
         self._names.add(name)
+        _reserve(name)
         return name
 
     def axis(self, node: OpNode, dim: int, i: int = 0) -> int:
@@ -123,6 +126,35 @@ class Emit:
             return keras.ops.reshape(x, (-1, *[shape[d] for d in want.perm[1:]]))  # only unit axes move
         self.transposes.append(reason)
         return keras.ops.transpose(x, axes)
+
+
+def _keras_uids() -> dict:
+    from keras.src.backend.common import global_state
+
+    return global_state.get_global_attribute("object_name_uids", default=collections.defaultdict(int),
+                                             set_to_default=True)
+
+
+def _keras_taken(name: str) -> bool:
+    """Whether Keras gave (or will give) ``name`` to one of its auto-named ops and layers.
+
+    Works around Keras 3.15: a functional model needs unique operation names, but auto-naming
+    (``keras.ops.add`` -> "add", "add_1", ...; keras/src/utils/naming.py ``uniquify``) does not
+    avoid names given explicitly, so a layer we name after the fx node "add" clashes with the
+    first ``keras.ops.add``. Delete when Keras' uniquify skips names in use.
+    """
+    uids = _keras_uids()
+    prefix, _, k = name.rpartition("_")
+    return name in uids or (k.isdigit() and prefix in uids and uids[prefix] > int(k))
+
+
+def _reserve(name: str) -> None:
+    """Make Keras' auto-naming step over ``name`` ("add" -> next is "add_1"; "add_3" -> "add_4")."""
+    uids = _keras_uids()
+    uids[name] = max(uids[name], 1)
+    prefix, _, k = name.rpartition("_")
+    if k.isdigit() and prefix:
+        uids[prefix] = max(uids[prefix], int(k) + 1)
 
 
 def arrange(value: np.ndarray, want: Phys | None) -> np.ndarray:

@@ -240,6 +240,8 @@ def check_options(kinds: Sequence[str], calib: Any = None, int8_io: bool = False
             "PyTorch layout, a folder of .npy files or images, or a callable yielding input lists), "
             "or --calib FILE.npy|DIR on the command line. random_calibration=True "
             "(--random-calibration) calibrates on noise, which makes the int8 accuracy meaningless.")
+    if "int8" in kinds and isinstance(calib, (str, Path)) and not Path(calib).exists():
+        raise CalibrationError(f"calibration path {calib} does not exist")
 
 
 def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], random_calibration: bool,

@@ -201,6 +201,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write model.keras, model_KIND.tflite and report.json here")
     args = p.parse_args()
     torch.set_num_threads(1)  # this small network trains faster on one thread than on several
+    import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")  # Keras' eager convolutions on several batch sizes log retracing warnings
     rows, result = run(args.epochs, args.seed, int8_io=args.int8_io)
     if args.out:
         from emitter.save import save_outputs

@@ -13,6 +13,8 @@ from op_rules.registry import Layout, Rule, all_targets, lookup, register, rule,
 
 # rule families register themselves on import
 from op_rules import activation, conv, elementwise, linear, norm, pooling, reduce, resize, shape  # noqa: E402,F401
+from op_rules import misc_ops  # noqa: E402,F401
+from op_rules import attention, matmul, norm_layers, tensor_ops  # noqa: E402,F401
 from op_rules import aten  # noqa: E402,F401  (last: maps ATen ops onto the rules above)
 
 __all__ = ["Layout", "Rule", "all_targets", "lookup", "register", "rule", "unregister"]

@@ -58,14 +58,61 @@ def crop_spatial(x: Any, crops: Sequence[tuple[int, int]], name: str) -> Any:
 
 
 def call_with_weights(layer: keras.layers.Layer, x: Any, weights: list[np.ndarray]) -> Any:
-    """Call ``layer`` (which builds it), then load ``weights`` with a shape check that names the layer."""
-    y = layer(x)
-    expected = [tuple(w.shape) for w in layer.get_weights()]
+    """Call ``layer`` (which builds it) with its variables created holding ``weights``.
+
+    Random initialization followed by ``set_weights`` was most of the conversion time: the
+    layer's initializers hand out ``weights`` in the order the layer creates its variables, and
+    are put back afterwards, so ``get_config()`` still describes the layer as the user would
+    write it. When the creation order cannot be confirmed by the variables' names, the weights
+    are assigned after building (shape-checked, the error naming the layer).
+    """
+    weights = [w.astype(np.float32) if w.dtype == np.float64 else w for w in weights]
+    preset = _Preset(weights)
+    y = preset.build(layer, x)
+    expected = [tuple(v.shape) for v in layer.weights]
     got = [tuple(w.shape) for w in weights]
     if expected != got:
         raise ValueError(f"weights for Keras layer {layer.name} have shapes {got}, layer expects {expected}")
-    layer.set_weights([w.astype(np.float32) if w.dtype == np.float64 else w for w in weights])
+    if not preset.confirmed([v.name for v in layer.weights]):
+        layer.set_weights(weights)
     return y
+
+
+class _Preset:
+    """Initializers that return given arrays, one per variable, in creation order."""
+
+    def __init__(self, weights: list[np.ndarray]):
+        self.weights = weights
+        self.calls: list[str] = []  # variable name each initializer call was for
+        self.ok = True
+
+    def initializer(self, attr: str) -> Any:
+        var = "kernel" if attr == "depthwise_initializer" else attr[: -len("_initializer")]
+
+        def init(shape: Any, dtype: Any = None) -> Any:
+            k = len(self.calls)
+            self.calls.append(var)
+            if k < len(self.weights) and tuple(self.weights[k].shape) == tuple(shape):
+                return self.weights[k] if dtype is None else self.weights[k].astype(dtype, copy=False)
+            self.ok = False
+            return np.zeros(shape, dtype or "float32")
+
+        return init
+
+    def build(self, layer: keras.layers.Layer, x: Any) -> Any:
+        saved = {k: v for k, v in vars(layer).items()
+                 if k.endswith("_initializer") and isinstance(v, keras.initializers.Initializer)}
+        for k in saved:
+            setattr(layer, k, self.initializer(k))
+        try:
+            return layer(x)
+        finally:
+            for k, v in saved.items():
+                setattr(layer, k, v)
+
+    def confirmed(self, names: list[str]) -> bool:
+        """Whether every variable got its own array: one call per variable, names in order."""
+        return self.ok and self.calls == names
 
 
 def spatial_layer(kind: str, n: int, suffix: str = "") -> type:

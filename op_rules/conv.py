@@ -62,13 +62,14 @@ def conv_spec(node: OpNode, ctx: Emit, transposed: bool = False) -> ConvSpec:
 
 @rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d, layout=Layout.CHANNELS_LAST)
 def conv(node: OpNode, ctx: Emit) -> Any:
+    """``node.kw["fused_activation"]`` (set by tracer.optimize.fuse_activations) becomes ``activation=``."""
     s = conv_spec(node, ctx)
     x = pad_spatial(ctx.input(node, 0), s.pads, s.padding_mode, ctx.name(node, "pad"))
     out_ch, in_per_group = s.weight.shape[:2]
     in_ch = in_per_group * s.groups
     split = strided_dilated(s.stride, s.dilation)
     common = dict(strides=(1,) * s.n if split else s.stride, padding="valid", dilation_rate=s.dilation,
-                  use_bias=s.bias is not None, name=ctx.name(node))
+                  use_bias=s.bias is not None, activation=node.kw.get("fused_activation"), name=ctx.name(node))
     bias = [] if s.bias is None else [s.bias]
     if s.groups > 1 and s.groups == in_ch and s.n <= 2:
         mult = out_ch // in_ch

@@ -33,10 +33,12 @@ def _linear_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
 
 @rule(nn.Linear, F.linear, layout=_linear_layout)
 def linear(node: OpNode, ctx: Emit) -> Any:
+    """``node.kw["fused_activation"]`` (set by tracer.optimize.fuse_activations) becomes ``activation=``."""
     weight = weight_of(node, ctx, "weight")
     bias = weight_of(node, ctx, "bias")
     kernel = fold_flat(weight, node.in_layouts[0]).T
-    layer = keras.layers.Dense(weight.shape[0], use_bias=bias is not None, name=ctx.name(node))
+    layer = keras.layers.Dense(weight.shape[0], use_bias=bias is not None,
+                               activation=node.kw.get("fused_activation"), name=ctx.name(node))
     y = call_with_weights(layer, ctx.input(node, 0), [kernel] + ([] if bias is None else [bias]))
     layer.trainable = trainable(node)
     return y

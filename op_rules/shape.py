@@ -159,10 +159,14 @@ def _is_element(node: OpNode, shapes: list) -> bool:
 def _getitem_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     phys = ins[0]
     if phys is None or _is_element(node, shapes):  # element of a tuple: the tuple's layout
-        return [phys], phys
+        same_rank = phys is None or node.shape is None or len(phys.perm) == node.rank
+        return [phys], phys if same_rank else Phys.identity(node.rank)  # (MHA weights: other rank)
     rank = len(shapes[0])
     index = _index(node, rank)
-    if index is None or phys.flat is not None or any(i is None for i in index):
+    if index is None:  # an index tensor: op_rules/tensor_ops.py
+        from op_rules.tensor_ops import advanced_layout
+        return advanced_layout(node, [phys, *ins[1:]], shapes)
+    if phys.flat is not None or any(i is None for i in index):
         return [Phys.identity(rank)], Phys.identity(node.rank)
     dropped = {d for d, i in enumerate(index) if isinstance(i, int)}
     return [phys], drop_dims(phys, dropped)
@@ -175,8 +179,10 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
         return x[node.args[1]]
     rank = len(node.in_layouts[0].perm)
     index = _index(node, rank)
-    if index is None:
-        raise NotImplementedError(f"advanced indexing {node.args[1]!r} is not supported yet")
+    if index is None:  # an index tensor: op_rules/tensor_ops.py
+        from op_rules.tensor_ops import advanced_getitem
+        idx = node.args[1]
+        return advanced_getitem(node, ctx, x, idx if isinstance(idx, tuple) else (idx,))
     torch_dims = [i for i in index if i is not None]
     if isinstance(torch_dims[0], int):
         raise NotImplementedError(f"index {node.args[1]!r} takes one element of the batch axis, which removes "

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from op_rules import Layout
+from op_rules.common import call_with_weights
 from tests.helpers import randomize_bn
 from tests.test_verify import broken
 from tracer import convert_model
@@ -230,3 +231,77 @@ def test_cumulative_momentum_is_reported():
     model, result = _converted(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None)), 1, 3, 6, 6)
     report = check_gradients(model, result, [np.zeros((1, 3, 6, 6), np.float32)], batch=2)
     assert any(m.kind == "bn_stats" and "momentum=None" in m.message for m in report.mismatches)
+
+
+def test_keras_weight_holding_no_torch_tensor_is_named():
+    """A rule that transfers a kernel wrongly (doubled): that Keras kernel matches no PyTorch tensor."""
+    def linear_doubled(node, ctx):
+        m = node.module
+        layer = keras.layers.Dense(m.out_features, name=ctx.name(node))
+        kernel = 2 * m.weight.detach().numpy().T
+        return call_with_weights(layer, ctx.input(node, 0), [kernel, m.bias.detach().numpy()])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).eval()
+    with broken((nn.Linear,), linear_doubled, Layout.TORCH):
+        result = convert_model(model, torch.randn(2, 6), n_random=1, raise_on_mismatch=False)
+    report = check_gradients(model, result, [np.zeros((2, 6), np.float32)], batch=2)
+    kernels = {v.path for v in result.keras_model.trainable_variables if v.path.endswith("kernel")}
+    assert len(kernels) == 2
+    assert {m.name for m in report.mismatches if m.kind == "unmapped"} == kernels, report.summary()
+    untrained = {m.name: m.message for m in report.mismatches if m.kind == "gradient"}
+    assert "no Keras weight holds it" in untrained["0.weight"] and "no Keras weight holds it" in untrained["2.weight"]
+    # gradients that flow back through the doubled kernel 2 differ; 2.bias's does not depend on any kernel
+    assert set(untrained) == {"0.weight", "2.weight", "0.bias", "input 0"}
+    assert {d.name: d.ok for d in report.params} == {"0.bias": False, "2.bias": True}
+
+
+class Gain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class GainNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.scale = nn.Linear(4, 3), Gain()
+
+    def forward(self, x):
+        return self.scale(self.fc(x))  # <- gain
+
+
+def test_parameter_a_rule_made_constant_is_named_with_rule_and_line():
+    def gain_as_constant(node, ctx):
+        return keras.ops.multiply(ctx.input(node, 0), float(node.module.gain.detach()))
+
+    with broken((Gain,), gain_as_constant, Layout.ANY):
+        model, result = _converted(GainNet(), 2, 4)
+        report = check_gradients(model, result, [np.zeros((2, 4), np.float32)], batch=2)
+    (m,) = report.mismatches
+    line = next(i + 1 for i, t in enumerate(Path(__file__).read_text().splitlines()) if t.endswith("# <- gain"))
+    assert m.name == "scale.gain" and "rule gain_as_constant of node scale" in m.message, m.message
+    assert f"{Path(__file__).resolve()}:{line}" in m.message and "made it a constant" in m.message
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(7, 4)
+
+    def forward(self, x, counts):
+        return self.fc(torch.cat([x, counts.float()], 1))  # the batch sizes must agree
+
+
+def test_integer_inputs_follow_the_batch():
+    """Integer inputs keep their values (the sample's rows, repeated to the batch); floats are drawn."""
+    model = TwoInputs().eval()
+    counts = torch.tensor([[1, 4, 7]])
+    result = convert_model(model, (torch.randn(1, 4), counts), n_random=1)
+    report = check_gradients(model, result, [np.zeros((1, 4), np.float32), counts.numpy()], batch=3)
+    assert report.ok and report.batch == 3, report.summary()
+    assert [d.name for d in report.inputs] == ["input 0"]  # integers have no gradient
+    assert {d.name for d in report.params} == {"fc.weight", "fc.bias"}

@@ -1,11 +1,12 @@
 """report.html: self-contained, the plot drawn, and it renders in headless Chromium.
 
-The Chromium tests need Debian's chromium package (``apt-get update && apt-get install -y chromium``);
-without /usr/bin/chromium they are skipped.
+The Chromium test needs Debian's chromium package (``apt-get update && apt-get install -y chromium``;
+``bash dev.sh test`` installs it when run as root with apt-get); without it the test is skipped.
 """
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tests.test_verify import HERE, _bugnet, _convert, broken, gelu_tanh, line_o
 from tracer.report_html import plot_svg, render, write
 from tracer.verify import deep_verify
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=(
     "headless Chromium not installed: apt-get update && apt-get install -y chromium"))
 
@@ -41,7 +42,8 @@ def test_page_is_self_contained_and_complete(failing_report: dict):
         assert element in page, element
     assert page.count("class='node-point'") == len(failing_report["nodes"])
     assert f"{HERE.as_uri()}" in page and f"test_verify.py:{line_of('gelu')}" in page  # linked to the user's line
-    assert "gelu_tanh" in page and "Parity failed" in page and "Transpose op(s)" in page
+    assert "gelu_tanh" in page and "Parity failed: " in page and "(tolerance 1" in page  # problems by kind
+    assert "Transpose op(s)" in page
 
 
 def test_plot_scales_and_marks():
@@ -65,15 +67,20 @@ def test_renders_in_headless_chromium(failing_report: dict, tmp_path: Path):
     shot = tmp_path / "shot.png"
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
             f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run(base + [f"--screenshot={shot}", "--window-size=1100,1400", page.as_uri()],
+    subprocess.run(base + [f"--screenshot={shot}", "--window-size=1100,1800", page.as_uri()],
                    check=True, capture_output=True, timeout=90)
-    pixels = _png_pixels(shot)
-    assert pixels.shape[:2] == (1400, 1100)
+    pixels = _png_pixels(shot).astype(int)
+    assert pixels.shape[:2] == (1800, 1100)
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, "a blank page"
     red = (pixels[..., 0] > 150) & (pixels[..., 1] < 90) & (pixels[..., 2] < 80)
-    assert red.sum() > 500, "the red verdict banner and markers are drawn"
+    assert red[:300].sum() > 5000, "the red verdict banner at the top"
+    # the plot's points, drawn at 75% opacity on white: blue within tolerance, orange carrying the error on
+    blue = np.abs(pixels - (87, 153, 199)).sum(-1) < 60
+    orange = np.abs(pixels - (236, 158, 89)).sum(-1) < 60
+    assert blue[300:].sum() > 20 and orange[300:].sum() > 50, "the per-node error points are drawn"
     dom = subprocess.run(base + ["--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
                          timeout=90).stdout
     assert '<svg id="error-plot"' in dom and 'id="tolerance-line"' in dom and 'id="first-divergence-marker"' in dom
     assert dom.count('class="node-point"') == len(failing_report["nodes"])
+    assert 'id="max-error-line"' in dom and "first divergence: gelu" in dom
 

@@ -324,6 +324,10 @@ def test_cli_tflite_files_and_report(tmp_path, capsys):
     assert main([*base, "-o", str(tmp_path / "bad"), "--tflite", "int8"]) == EXIT_INPUT
     assert "needs calibration data" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    assert main([*base, "-o", str(tmp_path / "bad"), "--tflite", "int8", "--calib", str(tmp_path / "no.npy")]) \
+        == EXIT_INPUT
+    assert "no.npy does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     out = tmp_path / "out"
     code = main([*base, "-o", str(out), "--tflite", "fp32", "--tflite", "fp16", "--tflite", "int8",
                  "--calib", str(tmp_path / "calib.npy"), "--int8-io"])
@@ -336,42 +340,61 @@ def test_cli_tflite_files_and_report(tmp_path, capsys):
     assert report["tflite"]["int8"]["strict"] is False and report["tflite"]["int8"]["max_abs"] > 0
 
 
+def test_cli_random_calibration_warns_in_one_line(tmp_path, capsys):
+    from tracer.cli import EXIT_OK, main
+
+    (tmp_path / "net.py").write_text(CLI_MODEL)
+    code = main(["convert", f"{tmp_path / 'net.py'}:build", "--input-shape", "1,3,12,12", "--no-saved-model", "-q",
+                 "-o", str(tmp_path / "out"), "--tflite", "int8", "--random-calibration"])
+    err = capsys.readouterr().err
+    assert code == EXIT_OK and (tmp_path / "out" / "model_int8.tflite").is_file()
+    assert "tracer: warning: int8 calibration on random normal inputs" in err and "accuracy is meaningless" in err
+    assert "UserWarning" not in err, err
+
+
 # --- the model examples: fp32 parity in the default run, all four kinds in the slow one -------------
 
-# (example file, factory names to try, input shape for the fast fp32 check, input shape for all kinds)
+# key -> (example file, factory, input shapes of the fp32 check in the default run, input shapes of
+# the all-kinds check in the slow run). BatchNorm statistics are randomized so BN bugs cannot hide.
 EXAMPLE_MODELS = {
-    "repvgg_a0": ("repvgg", ("build_a0",), (1, 3, 32, 32), (1, 3, 32, 32)),
-    "repvgg_b1g4": ("repvgg", ("build_b1g4",), (1, 3, 32, 32), (1, 3, 32, 32)),
-    "fbnet_a": ("fbnet_a", ("build", "build_fbnet_a", "fbnet_a", "FBNetA"), (1, 3, 64, 64), (1, 3, 224, 224)),
+    "custom_layer": ("custom_layer", "build", [(1, 3, 16, 16)], [(1, 3, 16, 16)]),
+    "repvit_kws": ("repvit_kws", "build", [(1, 100, 40)], [(1, 100, 40)]),
+    "repvgg_a0": ("repvgg", "build_a0", [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
+    "repvgg_a0_deploy": ("repvgg", "build_a0_deploy", [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
+    "repvgg_b1g4": ("repvgg", "build_b1g4", [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
+    "fbnet_a": ("fbnet_a", "build", [(1, 3, 64, 64)], [(1, 3, 224, 224)]),
+    "ebm_energy": ("ebm_cubes", "build_energy", [(1, 3, 64, 64), (1, 6)], [(1, 3, 64, 64), (1, 6)]),
+    "ebm_generator": ("ebm_cubes", "build_generator", [(1, 128), (1, 6)], [(1, 128), (1, 6)]),
 }
 
 
 def _example_model(key: str) -> nn.Module:
-    file, factories, _, _ = EXAMPLE_MODELS[key]
+    file, factory = EXAMPLE_MODELS[key][:2]
     module = _load_example(file)
-    for name in factories:
-        if hasattr(module, name):
-            return randomize_bn(getattr(module, name)()).eval()
-    found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-    pytest.fail(f"examples/{file}.py has none of {factories}; update EXAMPLE_MODELS (it has {found})")
+    if not hasattr(module, factory):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        pytest.fail(f"examples/{file}.py has no {factory}; update EXAMPLE_MODELS (it has {found})")
+    return randomize_bn(getattr(module, factory)()).eval()
 
 
 @pytest.mark.parametrize("key", sorted(EXAMPLE_MODELS))
 def test_example_fp32_tflite_parity(key):
     torch.manual_seed(0)
     model = _example_model(key)
-    tflite_parity(model, torch.randn(*EXAMPLE_MODELS[key][2]))
+    tflite_parity(model, *(torch.randn(*s) for s in EXAMPLE_MODELS[key][2]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(EXAMPLE_MODELS))
 def test_example_all_kinds(key):
-    """fp32 held to the tolerance; fp16 / dynamic / int8 diffs reported (printed with -s)."""
+    """fp32 held to the tolerance, builtin ops only; fp16 / dynamic / int8 diffs reported (printed
+    with -s). No data ships with these models: int8 calibrates on random inputs, by the explicit flag."""
     torch.manual_seed(0)
     model = _example_model(key)
-    shape = EXAMPLE_MODELS[key][3]
-    calib = np.random.default_rng(0).standard_normal((32, *shape[1:])).astype(np.float32)
-    result = tflite_parity(model, torch.randn(*shape), kinds=KINDS, calib=calib)
+    inputs = [torch.randn(*s) for s in EXAMPLE_MODELS[key][3]]
+    with pytest.warns(UserWarning, match="accuracy is meaningless"):
+        result = tflite_parity(model, *inputs, kinds=KINDS, random_calibration=True)
+    assert set(result.tflite_reports) == set(KINDS)
     for report in result.tflite_reports.values():
         print(f"{key}: {report.summary()}")
 
@@ -390,6 +413,8 @@ def _load_example(name: str):
 
 
 def _assert_int8_table(rows):
+    """The issue's bar: PyTorch fp32 top-1 >= 95%; Keras and TFLite fp32 agree with PyTorch on every
+    test image; full int8 agrees on >= 98% of them and its top-1 is within 1 point of PyTorch's."""
     by_name = {r.name: r for r in rows}
     torch_acc = by_name["PyTorch fp32"].top1
     assert by_name["Keras fp32"].agreement == 1.0 and by_name["TFLite fp32"].agreement == 1.0
@@ -400,7 +425,8 @@ def _assert_int8_table(rows):
 
 
 def test_digits_pipeline_fast():
-    """The example's code path with 12 epochs (about 10 s of training)."""
+    """The example's code path with 12 epochs instead of 60 (the whole test took 36 s of CPU time,
+    62 s wall on a loaded 2-core machine), held to the same bar as the full run (see _assert_int8_table)."""
     pytest.importorskip("sklearn")
     digits = _load_example("digits_tflite")
     data = digits.load_digits(0)

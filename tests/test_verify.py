@@ -18,8 +18,8 @@ from op_rules import Layout, all_targets, lookup, register, unregister
 from op_rules.common import call_with_weights
 from tests.helpers import randomize_bn
 from tracer import convert_model
-from tracer.cli import EXIT_INPUT, EXIT_OK, EXIT_PARITY, main
-from tracer.ir import Phys
+from tracer.cli import EXIT_CONVERT, EXIT_INPUT, EXIT_OK, EXIT_PARITY, main
+from tracer.ir import Phys, ordered
 from tracer.verify import Stats, compare_value, deep_verify, make_inputs, to_torch_order
 
 HERE = Path(__file__).resolve()
@@ -53,11 +53,15 @@ class BugNet(nn.Module):
 
 
 @contextmanager
-def broken(targets: tuple, fn: Callable, layout: Any):
-    """Register ``fn`` over the rules of ``targets`` for the duration; the originals come back after."""
+def broken(targets: tuple, fn: Callable | None, layout: Any = None):
+    """Register ``fn`` over the rules of ``targets`` (or, with ``fn=None``, remove them) for the duration;
+    the originals come back after."""
     direct = set(all_targets())
     saved = {t: lookup(t) for t in targets}
-    register(targets, fn, layout, override=True)
+    if fn is None:
+        unregister(*targets)
+    else:
+        register(targets, fn, layout, override=True)
     try:
         yield
     finally:
@@ -83,6 +87,15 @@ def bn_keras_epsilon(node, ctx):
     layer = keras.layers.BatchNormalization(axis=-1, epsilon=1e-3, name=ctx.name(node))
     weights = [t.detach().numpy() for t in (m.weight, m.bias, m.running_mean, m.running_var)]
     return call_with_weights(layer, ctx.input(node, 0), weights)
+
+
+def conv_kernel_hw_swapped(node, ctx):
+    """Broken weight transfer: the kernel permuted to (kw, kh, in, out) instead of (kh, kw, in, out)."""
+    m = node.module
+    x = keras.layers.ZeroPadding2D(m.padding)(ctx.input(node, 0))
+    layer = keras.layers.Conv2D(m.out_channels, m.kernel_size, strides=m.stride, name=ctx.name(node))
+    kernel = np.transpose(m.weight.detach().numpy(), (3, 2, 1, 0))
+    return call_with_weights(layer, x, [kernel, m.bias.detach().numpy()])
 
 
 def transpose_forgotten(node, ctx):
@@ -112,6 +125,7 @@ BROKEN = {  # case -> (targets, broken rule, layout, node it must be found at, m
     "padding": ((nn.Conv2d,), conv_tf_same_padding, Layout.CHANNELS_LAST, "stem", "stem"),
     "bn_epsilon": ((nn.BatchNorm2d,), bn_keras_epsilon, Layout.CHANNELS_LAST, "bn", "bn"),
     "permutation": (("transpose",), transpose_forgotten, Layout.TORCH, "transpose", "transpose"),
+    "weight_permutation": ((nn.Conv2d,), conv_kernel_hw_swapped, Layout.CHANNELS_LAST, "stem", "stem"),
     "gelu_variant": ((F.gelu,), gelu_tanh, Layout.ANY, "gelu", "gelu"),
 }
 
@@ -126,13 +140,19 @@ def _convert(model: nn.Module) -> Any:
                          raise_on_mismatch=False, n_random=1)
 
 
-def test_intact_rules_pass_every_node():
+def test_intact_rules_pass_every_node(tmp_path: Path):
     model = _bugnet()
-    report = deep_verify(model, _convert(model), gradients=False)
-    assert report.ok, report.summary()
+    result = _convert(model)
+    report = deep_verify(model, result, gradients=False)
+    assert report.ok and report.exit_code == EXIT_OK, report.summary()
     assert report.first_divergence is None
-    assert {n.name for n in report.nodes} >= {"stem", "bn", "gelu", "transpose", "mix", "relu", "flatten", "head"}
+    ops = {n.name for n in ordered(result.graph) if n.kind.startswith("call") and not n.is_constant}
+    assert {n.name for n in report.nodes} == ops >= {"stem", "bn", "gelu", "transpose", "relu", "flatten", "head"}
     assert report.max_node_error < 1e-5
+    html = report.save(tmp_path, title="BugNet")  # the API's report.json + report.html
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert html == tmp_path / "report.html" and saved["verify"]["verdict"] == "parity"
+    assert len(saved["verify"]["nodes"]) == len(report.nodes) and "<svg id='error-plot'" in html.read_text()
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
@@ -174,7 +194,9 @@ def test_keras_only_nan_is_reported_with_its_cause():
     first = report.first_divergence
     assert first.name == "relu" and first.cause == "nonfinite" and first.line == line_of("relu")
     assert "Keras has NaN/Inf" in first.detail and first.keras.nonfinite > 0 and first.torch.nonfinite == 0
-    assert any(p.kind == "nonfinite" for p in report.problems)
+    where = {(p.kind, p.where) for p in report.problems}
+    assert ("nonfinite", f"relu at {HERE}:{line_of('relu')}") in where  # the intermediate, with its source line
+    assert ("nonfinite", "output 0") in where and report.exit_code == EXIT_PARITY  # and the output it reaches
 
 
 def test_nan_in_pytorch_too_is_a_warning_not_a_failure():
@@ -286,6 +308,17 @@ def test_cli_deep_failure_exit_code_and_report(model_file: Path, tmp_path: Path,
 def test_cli_verify_bad_folder(tmp_path: Path, capsys):
     assert main(["verify", str(tmp_path / "nothing")]) == EXIT_INPUT
     assert "report.json not found" in capsys.readouterr().err
+
+
+def test_cli_verify_exit_code_when_the_model_no_longer_converts(model_file: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", f"{model_file}:Net", "--input-shape", "2,3,8,8", "-o", str(out), "--no-saved-model",
+                 "--random-inputs", "1", "-q"]) == EXIT_OK
+    with broken((F.gelu,), None):  # the GELU rule is gone: the model cannot be converted again
+        code = main(["verify", str(out), "--random-inputs", "1", "-q"])
+    assert code == EXIT_CONVERT
+    err = capsys.readouterr().err
+    assert "torch.nn.functional.gelu" in err and f"{model_file.resolve()}:15" in err
 
 
 def test_graph_that_differs_from_the_model_is_reported():

@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "convert": "tracer.api", "convert_model": "tracer.api", "ConversionResult": "tracer.api",
-    "count_transposes": "tracer.api",
+    "count_transposes": "tracer.api", "deep_verify": "tracer.verify", "VerifyReport": "tracer.verify",
     "rule": "op_rules.registry", "register": "op_rules.registry", "unregister": "op_rules.registry",
     "Layout": "op_rules.registry", "OpNode": "tracer.ir",
     "TracerError": "tracer.errors", "InputError": "tracer.errors", "CaptureError": "tracer.errors",

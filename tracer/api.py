@@ -76,7 +76,7 @@ def _as_tuple(sample: Any) -> tuple[torch.Tensor, ...]:
                      f"got {type(sample).__name__}")
 
 
-def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io: bool = False,
+def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io: bool = False, fold_bn: bool = False,
                   check: bool = True, n_random: int = 3, extra_inputs: Sequence[Sequence[np.ndarray]] = (),
                   tol: float = DEFAULT_TOL, raise_on_mismatch: bool = True, capture: str = "auto",
                   progress: Callable[[str], None] | None = None, tflite: Sequence[str] = (), calib: Any = None,
@@ -99,7 +99,7 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
         how = graph.graph.get("capture", {"method": capture})
         if how["method"] != "fx" and capture != "export":
             say(f"captured with {how['method']} instead: {how['reason']}")
-        graph = run_passes(graph, channels_last_io)
+        graph = run_passes(graph, channels_last_io, fold_bn)
         n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
         say(f"emitting Keras for {n_nodes} operations")
         keras_model, ctx = build_model(graph, name=type(model).__name__, progress=_every_quarter(say))
@@ -173,6 +173,8 @@ def convert(model: torch.nn.Module, sample_input: Any, **options: Any) -> Any:
         model: the ``torch.nn.Module`` (put in eval mode for the conversion, then restored).
         sample_input: a tensor or a tuple of tensors; shapes and dtypes are taken from it.
         channels_last_io: inputs/outputs of image maps in NHWC instead of PyTorch's NCHW.
+        fold_bn: fold eval-mode BatchNorm into the conv/linear before it (an inference model;
+            by default BatchNorm stays a trainable layer of its own).
         check: run the differential tester (default True).
         n_random: random inputs besides the sample (the last one with another batch size).
         extra_inputs: more input tuples (numpy) to compare on.

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder: model.keras, saved_model/, report.json (default: tracer_out)")
     c.add_argument("--channels-last-io", action="store_true",
                    help="image inputs/outputs in NHWC (TensorFlow's layout) instead of PyTorch's NCHW")
+    c.add_argument("--fold-bn", action="store_true",
+                   help="inference model: fold BatchNorm into the conv/linear before it (fewer layers, faster; "
+                        "by default BatchNorm stays a trainable layer)")
     c.add_argument("--inputs", action="append", default=[], metavar="FILE",
                    help=".npy (one input) or .npz/.pt (several, in order) to also compare on; repeatable")
     c.add_argument("--random-inputs", type=int, default=3, metavar="N", help="random inputs to compare on (default 3)")
@@ -95,7 +99,7 @@ def _add_verify_command(sub: Any) -> None:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
-    from tracer.verify import verify_outdir
+    from tracer.verify_cli import verify_outdir
     say = (lambda m: None) if args.quiet else (lambda m: print(f"[tracer] {m}", file=sys.stderr, flush=True))
     return verify_outdir(args, say)
 
@@ -131,7 +135,10 @@ def _tflite_outputs(result: Any) -> tuple[dict, dict[str, bytes]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _verify_command(args) if args.command == "verify" else _convert(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _warning_line
+            return _verify_command(args) if args.command == "verify" else _convert(args)
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return EXIT_CONVERT
@@ -145,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, TracerError):
             print("  rerun with --debug for the traceback", file=sys.stderr)
         return code
+
+
+def _warning_line(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """A warning on the command line: one "tracer: warning:" line, without Python's source line."""
+    print(f"tracer: warning: {message}", file=sys.stderr)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -165,7 +178,8 @@ def _convert(args: argparse.Namespace) -> int:
     check_runs(model, sample, shapes)
     extra = [load_inputs(f, len(shapes)) for f in args.inputs]
     start = time.perf_counter()
-    result = convert_model(model, sample, channels_last_io=args.channels_last_io, n_random=args.random_inputs,
+    result = convert_model(model, sample, channels_last_io=args.channels_last_io, fold_bn=args.fold_bn,
+                           n_random=args.random_inputs,
                            extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=say, capture=args.capture,
                            **_tflite_options(args))
     report = {"target": args.target, "input_shapes": shapes, "parity": result.report.to_dict(),
@@ -180,7 +194,7 @@ def _convert(args: argparse.Namespace) -> int:
     ok = result.report.ok and all(r.ok for r in result.tflite_reports.values())
     deep_ok = True
     if args.verify == "deep":  # the model is written on output parity; the exit code includes the deep checks
-        from tracer.verify import verify_for_convert
+        from tracer.verify_cli import verify_for_convert
         deep_ok = verify_for_convert(model, result, sample, extra, args, report, say)
     if ok or args.keep_on_mismatch:
         say(f"writing {args.output}/ (model.keras{'' if args.no_saved_model else ', saved_model/'}, report.json"
@@ -192,7 +206,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"tracer: parity failed; wrote only {args.output}/report.json "
               "(--keep-on-mismatch writes the model too)", file=sys.stderr)
     if args.verify == "deep":
-        from tracer.verify import write_html
+        from tracer.verify_cli import write_html
         write_html(args.output, report)
     facts = result.facts()
     print(f"converted in {facts['seconds']:.2f}s: {facts['nodes']} ops, {facts['transpose_ops']} Transpose, "
@@ -201,7 +215,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _invocation(args: argparse.Namespace, shapes: list, dtypes: list) -> dict:
-    from tracer.verify import invocation  # what `tracer verify OUTDIR` needs to rebuild the model
+    from tracer.verify_cli import invocation  # what `tracer verify OUTDIR` needs to rebuild the model
     return invocation(args, shapes, dtypes)
 
 

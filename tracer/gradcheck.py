@@ -12,47 +12,34 @@ each by name:
 PyTorch runs the captured fx graph (the same graph the conversion saw, captured in eval mode, so
 Python branches on ``self.training`` take their inference path) with its modules in training
 mode and dropout modules in eval mode; a model captured with torch.export runs as itself in
-``model.train()``. Keras weights are matched to PyTorch tensors by layer name (Keras layers
-follow torch module paths) and by value: each Keras weight must be an exact rearrangement of a
-PyTorch tensor (conv kernels ``(*k, in, out)`` vs ``(out, in, *k)``, transposed dense kernels,
-depthwise kernels, 1-D BatchNorm vectors, constants in a layout). The index map found that way
-carries gradients back, so a PyTorch parameter used by several Keras layers gets their sum.
+``model.train()``. Each Keras weight is matched to the PyTorch tensor it holds, as an index map
+(:mod:`tracer.gradcheck_params`); that map carries Keras gradients back into PyTorch's shape, so
+a PyTorch parameter used by several Keras layers gets their sum. A trainable Keras weight that
+holds no PyTorch tensor, or a PyTorch parameter no trainable Keras weight holds, is a mismatch.
 
 Both models are restored afterwards (weights, BatchNorm statistics, ``.grad``, train/eval flags).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 import torch
 
 from fixes.parametrizations import parametrized_tensors
+from op_rules.registry import lookup
 from tracer.errors import InputError
+from tracer.gradcheck_params import ParamMap, map_parameters, restore_torch_weights
 from tracer.ir import ordered
 from tracer.parity import flatten_outputs
-from tracer.verify import torch_graph_module
+from tracer.verify_nodes import torch_graph_module
 
-_HINTS = {"kernel": ("weight",), "bias": ("bias",), "gamma": ("weight",), "beta": ("bias",),
-          "moving_mean": ("running_mean",), "moving_variance": ("running_var",), "alpha": ("weight",),
-          "embeddings": ("weight",), "value": ()}
+__all__ = ["GradReport", "Mismatch", "TensorDiff", "check_gradients", "map_parameters", "restore_torch_weights"]
+
 LR = 0.1
 FLOOR = 1e-2  # errors are relative to max(max|tensor|, FLOOR * the largest gradient of any parameter)
-
-
-@dataclass(frozen=True)
-class ParamMap:
-    """Keras variable ``keras_path`` holds PyTorch tensor ``torch_name`` rearranged: ``index`` has the
-    Keras variable's shape and gives, for each entry, the flat index into the PyTorch tensor."""
-
-    torch_name: str
-    keras_path: str
-    how: str
-    index: np.ndarray
-    trainable: bool
 
 
 @dataclass(frozen=True)
@@ -116,112 +103,6 @@ class GradReport:
                 "mapping": self.mapping}
 
 
-# ---- matching Keras variables to PyTorch tensors ------------------------------------------------
-def _arrangements(var_shape: tuple, torch_shape: tuple, layer: Any) -> Iterator[tuple[str, Any]]:
-    """Candidate rearrangements (name, fn: torch index array -> Keras-shaped index array), likeliest first."""
-    n = len(torch_shape)
-    if "Depthwise" in type(layer).__name__ and n >= 3 and torch_shape[1] == 1:
-        mult = var_shape[-1]
-        yield "depthwise (in*mult, 1, *k) -> (*k, in, mult)", lambda i: i.reshape(
-            i.shape[0] // mult, mult, *i.shape[2:]).transpose(*range(2, n), 0, 1)
-    yield "same", lambda i: i.reshape(var_shape)
-    if n >= 3:
-        yield "conv (out, in, *k) -> (*k, in, out)", lambda i: i.transpose(*range(2, n), 1, 0)
-    if n == 2:
-        yield "dense (out, in) -> (in, out)", lambda i: i.T
-    if 2 <= n <= 5:
-        for perm in itertools.permutations(range(n)):
-            yield f"transpose {perm}", lambda i, p=perm: i.transpose(p).reshape(var_shape)
-
-
-class _Tensor:
-    """A PyTorch tensor as numpy, with its sort order when its values are distinct (computed once)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.w = t.detach().cpu().numpy()
-        self.flat = self.w.ravel()
-        self._order: np.ndarray | None | bool = False
-
-    @property
-    def order(self) -> np.ndarray | None:
-        if self._order is False:
-            order = np.argsort(self.flat, kind="stable")
-            distinct = self.flat.size < 2 or bool(np.all(np.diff(self.flat[order]) != 0))
-            self._order = order if distinct and np.issubdtype(self.flat.dtype, np.floating) else None
-        return self._order
-
-
-def _match(value: np.ndarray, t: _Tensor, layer: Any) -> tuple[str, np.ndarray] | None:
-    """How Keras ``value`` is an exact rearrangement (or part) of PyTorch tensor ``t``, as an index map."""
-    w, w_flat = t.w, t.flat
-    if value.size == w.size:
-        base = np.arange(w.size).reshape(w.shape)
-        for how, fn in _arrangements(value.shape, w.shape, layer):
-            try:
-                idx = fn(base)
-            except ValueError:
-                continue
-            if idx.shape == value.shape and np.array_equal(w_flat[idx], value):
-                return how, idx
-    order = t.order if value.size <= w.size and (value.size > 1 or w.size == 1) else None
-    if order is not None:  # distinct values: look each one up
-        pos = np.clip(np.searchsorted(w_flat[order], value.ravel()), 0, w.size - 1)
-        idx = order[pos].reshape(value.shape)
-        if np.array_equal(w_flat[idx], value):
-            return "by value", idx
-    return None
-
-
-def _owner(layer_name: str, modules: dict) -> str | None:
-    """The torch module path a Keras layer name was derived from (emitter.context.Emit.name)."""
-    name = layer_name
-    while True:
-        if name in modules:
-            return name
-        base, _, tail = name.rpartition("_")
-        if base and tail.isdigit() and base in modules:  # a module called again: path_2
-            return base
-        if "." not in name:
-            return "" if "" in modules else None
-        name = name.rpartition(".")[0]
-
-
-def map_parameters(model: torch.nn.Module, keras_model: Any) -> tuple[list[ParamMap], list[str]]:
-    """Every Keras weight matched to the PyTorch parameter or buffer it holds; and the unmatched ones."""
-    modules = dict(model.named_modules())
-    tensors = {k: _Tensor(t) for k, t in {**dict(model.named_buffers()), **dict(model.named_parameters())}.items()}
-    maps, unmatched = [], []
-    for layer in _layers(keras_model):
-        for var in layer.weights:
-            value = keras.ops.convert_to_numpy(var.value)
-            short = var.path.rpartition("/")[2]
-            owner = _owner(layer.name, modules)
-            prefix = f"{owner}." if owner else ""
-            local = [k for k in tensors if owner is not None and k.startswith(prefix)]
-            hinted = [f"{prefix}{h}" for h in _HINTS.get(short, ()) if f"{prefix}{h}" in tensors]
-            found = None
-            for name in dict.fromkeys(hinted + local + list(tensors)):
-                t = tensors[name]
-                if np.issubdtype(t.w.dtype, np.floating) != np.issubdtype(value.dtype, np.floating):
-                    continue
-                hit = _match(value, t, layer) if t.w.size >= value.size and value.size else None
-                if hit is not None:
-                    found = ParamMap(name, var.path, hit[0], hit[1], bool(var.trainable))
-                    break
-            if found is None:
-                unmatched.append(var.path)
-            else:
-                maps.append(found)
-    return maps, unmatched
-
-
-def _layers(keras_model: Any) -> Iterator[Any]:
-    for layer in keras_model.layers:
-        if hasattr(layer, "layers") and layer.layers and layer is not keras_model:
-            yield from _layers(layer)
-        else:
-            yield layer
-
 
 # ---- the check ----------------------------------------------------------------------------------
 def check_gradients(model: torch.nn.Module, result: Any, sample: Sequence[np.ndarray], *, tol: float = 1e-3,
@@ -235,8 +116,9 @@ def check_gradients(model: torch.nn.Module, result: Any, sample: Sequence[np.nda
     ``stat_tol`` (scaled by max(1, max|value|), like outputs).
     """
     rng = np.random.default_rng(seed)
-    xs = [rng.standard_normal((batch, *np.shape(x)[1:])).astype(np.float32)
-          if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x) for x in sample]
+    shapes = [(batch, *np.shape(x)[1:]) for x in sample]  # non-float inputs (ids): the sample's rows, repeated
+    xs = [rng.standard_normal(shape).astype(np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating)
+          else np.resize(np.asarray(x), shape) for x, shape in zip(sample, shapes)]
     keras_model = result.keras_model
     maps, unmatched = map_parameters(model, keras_model)
     saved = _TorchState(model)
@@ -251,7 +133,7 @@ def check_gradients(model: torch.nn.Module, result: Any, sample: Sequence[np.nda
         k_in, k_grads, k_loss = _keras_side(keras_model, result, xs, projections)
         report.loss_torch, report.loss_keras = t_loss, k_loss
         stats_before = {m.torch_name: saved.tensors[m.torch_name].numpy().copy() for m in maps}
-        _compare_grads(report, model, maps, unmatched, t_in, t_grads, k_in, k_grads, tol)
+        _compare_grads(report, model, result, maps, unmatched, t_in, t_grads, k_in, k_grads, tol)
         _compare_bn(report, model, result, maps, stats_before, stat_tol, batch)
         _compare_step(report, model, keras_model, maps, t_grads, k_grads, lr, tol)
         report.mapping = [{"torch": m.torch_name, "keras": m.keras_path, "how": m.how} for m in maps]
@@ -350,10 +232,9 @@ def _gather(maps: list[ParamMap], shape: tuple, values: dict[str, np.ndarray | N
     return out.reshape(shape)
 
 
-def _compare_grads(report: GradReport, model: torch.nn.Module, maps: list[ParamMap], unmatched: list[str],
-                   t_in: list, t_grads: dict, k_in: list, k_grads: dict, tol: float) -> None:
-    params = dict(model.named_parameters())
-    floor = FLOOR * max((float(np.max(np.abs(g), initial=0.0)) for g in t_grads.values() if g is not None), default=0.0)
+def _compare_grads(report: GradReport, model: torch.nn.Module, result: Any, maps: list[ParamMap],
+                   unmatched: list[str], t_in: list, t_grads: dict, k_in: list, k_grads: dict, tol: float) -> None:
+    """Input gradients, every PyTorch parameter's gradient, and trainable Keras weights PyTorch lacks."""
     for i, (t, k) in enumerate(zip(t_in, k_in)):
         if t is None:
             continue
@@ -365,39 +246,67 @@ def _compare_grads(report: GradReport, model: torch.nn.Module, maps: list[ParamM
         if not d.ok:
             report.mismatches.append(Mismatch("gradient", d.name, f"input gradient differs: max|diff| "
                                               f"{d.max_abs:.3e}, error {d.error:.3e} > {tol:g}"))
+    floor = FLOOR * max((float(np.max(np.abs(g), initial=0.0)) for g in t_grads.values() if g is not None), default=0.0)
     by_torch: dict[str, list[ParamMap]] = {}
     for m in maps:
         by_torch.setdefault(m.torch_name, []).append(m)
-    for name, p in params.items():
-        g = t_grads.get(name)
-        mine = [m for m in by_torch.get(name, []) if m.trainable]
-        if not p.requires_grad:
-            if mine:
-                report.mismatches.append(Mismatch("gradient", name, f"frozen in PyTorch (requires_grad=False) "
-                                                  f"but trainable in Keras ({mine[0].keras_path})"))
-            continue
-        if not mine:
-            if g is not None and np.any(g):
-                held = [m.keras_path for m in by_torch.get(name, [])]
-                why = (f"the Keras copy {', '.join(held)} is not trainable" if held else
-                       "it is a parametrization's source: the conversion baked the weight computed from it "
-                       "(fixes/parametrizations.py), Keras trains that weight instead" if _parametrized(model, name)
-                       else "no Keras weight holds it (a value computed from it at conversion, or folded)")
-                report.mismatches.append(Mismatch("gradient", name, f"PyTorch trains it, Keras cannot: {why}"))
-            continue
-        covered = np.zeros(p.numel(), bool)
-        for m in mine:
-            covered[m.index.ravel()] = True
-        k = _gather(mine, tuple(p.shape), k_grads)
-        t = g if g is not None else np.zeros(tuple(p.shape), np.float32)
-        d = _diff(name, t, k, floor, tol, ", ".join(m.keras_path for m in mine))
-        report.params.append(d)
-        if not covered.all():
-            report.mismatches.append(Mismatch("gradient", name, f"only {int(covered.sum())} of {p.numel()} entries "
-                                              "are held by trainable Keras weights"))
-        elif not d.ok:
-            report.mismatches.append(Mismatch("gradient", name, f"gradient differs: max|diff| {d.max_abs:.3e}, "
-                                              f"error {d.error:.3e} > {tol:g} (Keras {d.keras})"))
+    nodes = {}  # module path -> the node whose rule read that module's parameters
+    for node in ordered(result.graph):
+        if node.kind == "call_module":
+            nodes.setdefault(node.module_path, node)
+    for name, p in model.named_parameters():
+        if by_torch.get(name) or not p.requires_grad or t_grads.get(name) is None or not np.any(t_grads[name]):
+            _compare_param(report, name, p, by_torch.get(name, []), t_grads.get(name), k_grads, floor, tol)
+        else:
+            report.mismatches.append(Mismatch("gradient", name, "PyTorch trains it, Keras cannot: "
+                                              + _why_unheld(model, name, nodes.get(name.rpartition(".")[0]))))
+    for path in unmatched:
+        if path in k_grads:  # trainable in Keras
+            report.mismatches.append(Mismatch("unmapped", path, "Keras trains this weight, but it holds no PyTorch "
+                                              "parameter or buffer (no exact rearrangement of one): nothing in "
+                                              "PyTorch trains like it"))
+
+
+def _why_unheld(model: torch.nn.Module, name: str, node: Any) -> str:
+    """Why no Keras weight holds PyTorch parameter ``name`` (``node``: the node of its module, if any)."""
+    if _parametrized(model, name):
+        return ("it is a parametrization's source: the conversion baked the weight computed from it "
+                "(fixes/parametrizations.py), Keras trains that weight instead")
+    if node is not None:
+        r = lookup(node.target)
+        where = f"{node.source.file}:{node.source.line}" if node.source.file else "unknown source"
+        return (f"no Keras weight holds it: rule {r.name if r else '?'} of node {node.name} ({where}) made "
+                "it a constant (to keep it trainable, the rule must give it to a Keras layer as a weight)")
+    return "no Keras weight holds it (a value computed from it at conversion, or folded)"
+
+
+def _compare_param(report: GradReport, name: str, p: torch.nn.Parameter, held: list[ParamMap],
+                   g: np.ndarray | None, k_grads: dict, floor: float, tol: float) -> None:
+    """One PyTorch parameter's gradient against the sum over the trainable Keras weights that hold it."""
+    mine = [m for m in held if m.trainable]
+    if not p.requires_grad:
+        if mine:
+            report.mismatches.append(Mismatch("gradient", name, f"frozen in PyTorch (requires_grad=False) "
+                                              f"but trainable in Keras ({mine[0].keras_path})"))
+        return
+    if not mine:
+        if g is not None and np.any(g):
+            report.mismatches.append(Mismatch("gradient", name, "PyTorch trains it, Keras cannot: the Keras copy "
+                                              f"{', '.join(m.keras_path for m in held)} is not trainable"))
+        return
+    covered = np.zeros(p.numel(), bool)
+    for m in mine:
+        covered[m.index.ravel()] = True
+    k = _gather(mine, tuple(p.shape), k_grads)
+    t = g if g is not None else np.zeros(tuple(p.shape), np.float32)
+    d = _diff(name, t, k, floor, tol, ", ".join(m.keras_path for m in mine))
+    report.params.append(d)
+    if not covered.all():
+        report.mismatches.append(Mismatch("gradient", name, f"only {int(covered.sum())} of {p.numel()} entries "
+                                          "are held by trainable Keras weights"))
+    elif not d.ok:
+        report.mismatches.append(Mismatch("gradient", name, f"gradient differs: max|diff| {d.max_abs:.3e}, "
+                                          f"error {d.error:.3e} > {tol:g} (Keras {d.keras})"))
 
 
 def _parametrized(model: torch.nn.Module, name: str) -> bool:
@@ -486,22 +395,3 @@ def _bn_count(result: Any, module_path: str, batch: int) -> int:
             return int(np.prod(node.shape) // node.shape[1] // max(node.shape[0], 1) * batch)
     return 0
 
-
-def restore_torch_weights(model: torch.nn.Module, fresh_keras: Any, saved_keras: Any) -> tuple[list[str], list[str]]:
-    """Put the weights of ``saved_keras`` into ``model``, through the map between ``model`` and its fresh
-    conversion ``fresh_keras`` (same layers and variable paths). Returns (restored, not restored) names."""
-    maps, _ = map_parameters(model, fresh_keras)
-    saved = {v.path: keras.ops.convert_to_numpy(v.value) for v in saved_keras.weights}
-    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
-    done: set[str] = set()
-    with torch.no_grad():
-        for m in maps:
-            if m.keras_path not in saved or saved[m.keras_path].shape != m.index.shape:
-                continue
-            t = tensors[m.torch_name]
-            flat = t.detach().cpu().numpy().ravel().copy()
-            flat[m.index.ravel()] = saved[m.keras_path].ravel()
-            t.copy_(torch.from_numpy(flat.reshape(tuple(t.shape))).to(t.dtype))
-            done.add(m.torch_name)
-    missing = [k for k, t in tensors.items() if k not in done and t.is_floating_point()]
-    return sorted(done), missing

@@ -17,6 +17,7 @@ from tracer.ir import OpNode, Phys, ordered, update
 
 
 def assign_layouts(graph: nx.DiGraph, channels_last_io: bool = False) -> nx.DiGraph:
+    plan = _Plan(graph, channels_last_io)
     for node in ordered(graph):
         if node.kind == "placeholder":
             update(graph, node.name, layout=_input_layout(graph, node, channels_last_io))
@@ -27,12 +28,28 @@ def assign_layouts(graph: nx.DiGraph, channels_last_io: bool = False) -> nx.DiGr
                 _output_layout(graph.nodes[i]["op"], channels_last_io) for i in node.inputs))
         else:
             ins = [graph.nodes[i]["op"].layout for i in node.inputs]
-            req, out = infer(node, ins, graph)
+            req, out = infer(node, ins, graph, plan)
+            plan.record(node, req)
             update(graph, node.name, in_layouts=tuple(req), layout=out)
     return graph
 
 
-def infer(node: OpNode, ins: list, graph: nx.DiGraph) -> tuple[list, Phys]:
+class _Plan:
+    """What the pass decided so far: the conversions already needed (the emitter shares each one)."""
+
+    def __init__(self, graph: nx.DiGraph, channels_last_io: bool):
+        self.graph = graph
+        self.channels_last_io = channels_last_io
+        self.converted: set[tuple[str, Phys]] = set()
+
+    def record(self, node: OpNode, req: list) -> None:
+        for src, want in zip(node.inputs, req):
+            have = self.graph.nodes[src]["op"].layout
+            if want is not None and have is not None and have != want:
+                self.converted.add((src, want))
+
+
+def infer(node: OpNode, ins: list, graph: nx.DiGraph, plan: "_Plan | None" = None) -> tuple[list, Phys]:
     r = lookup(node.target)
     policy = r.layout if r is not None else Layout.TORCH
     shapes = [_shape(graph.nodes[i]["op"]) for i in node.inputs]
@@ -44,8 +61,62 @@ def infer(node: OpNode, ins: list, graph: nx.DiGraph) -> tuple[list, Phys]:
         req = [Phys.channels_last(k) if j == 0 else Phys.identity(k) for j, k in enumerate(ranks)]
         return req, Phys.channels_last(out_rank)
     if policy is Layout.ANY:
+        if plan is not None:
+            return elementwise_layout(node, ins, ranks, out_rank, plan)
         return same_layout(ins, ranks, out_rank)
     return policy(node, ins, shapes)
+
+
+def elementwise_layout(node: OpNode, ins: list, ranks: list[int], out_rank: int, plan: _Plan) -> tuple[list, Phys]:
+    """Elementwise ops whose inputs arrive in different layouts run in the one that costs fewest new
+    transposes (a conversion another consumer already needs is free); on a tie, in the layout
+    the ops downstream want, else in the first input's layout (:func:`same_layout`)."""
+    req, out = same_layout(ins, ranks, out_rank)
+    full = max(ranks, default=out_rank)
+    tensors = [(src, p) for src, p, k in zip(node.inputs, ins, ranks) if p is not None and k == full]
+    candidates = list(dict.fromkeys(p for _, p in tensors))
+    if len(candidates) < 2 or any(p.flat is not None for p in candidates):
+        return req, out
+
+    def cost(c: Phys) -> int:
+        return sum(1 for src, p in tensors if p != c and (src, c) not in plan.converted)
+
+    best = min(cost(c) for c in candidates)
+    tied = [c for c in candidates if cost(c) == best]
+    choice = tied[0] if len(tied) == 1 else _downstream_choice(plan, node, tied) or (
+        req[0] if req[0] in tied else tied[0])
+    return [choice for _ in ranks], choice if out_rank == full else Phys.identity(out_rank)
+
+
+def _downstream_choice(plan: _Plan, node: OpNode, options: list[Phys], limit: int = 16) -> Phys | None:
+    """The option the nearest layout-decided consumers want, looking through elementwise ops."""
+    graph, rank = plan.graph, node.rank
+    wants = {Phys.channels_last(rank): 0, Phys.identity(rank): 0}
+    frontier, seen = [node.name], {node.name}
+    while frontier and len(seen) < limit:
+        name = frontier.pop(0)
+        for succ in graph.successors(name):
+            s = graph.nodes[succ]["op"]
+            if succ in seen:
+                continue
+            seen.add(succ)
+            policy = _policy(s)
+            if s.kind == "output":
+                if not plan.channels_last_io:
+                    wants[Phys.identity(rank)] += 1
+            elif policy is Layout.CHANNELS_LAST:
+                wants[Phys.channels_last(rank)] += 1
+            elif policy is Layout.TORCH:
+                wants[Phys.identity(rank)] += 1
+            elif policy is Layout.ANY and s.rank == rank:
+                frontier.append(succ)
+    ranked = sorted((p for p in options if wants.get(p)), key=lambda p: -wants[p])
+    return ranked[0] if ranked and (len(ranked) == 1 or wants[ranked[0]] > wants[ranked[1]]) else None
+
+
+def _policy(node: OpNode):
+    r = lookup(node.target) if node.kind.startswith("call") else None
+    return r.layout if r is not None else None
 
 
 def same_layout(ins: list, ranks: list[int], out_rank: int) -> tuple[list, Phys]:
@@ -83,12 +154,23 @@ def _structure_rank(node: OpNode) -> int:
 
 
 def _input_layout(graph: nx.DiGraph, node: OpNode, channels_last_io: bool) -> Phys:
+    """With channels-last I/O, an input is NHWC when the layout-decided ops it reaches (through
+    elementwise ones, or meeting their other operands) want channels-last."""
     if not channels_last_io or node.rank < 3:
         return Phys.identity(node.rank)
-    for succ in graph.successors(node.name):
-        r = lookup(graph.nodes[succ]["op"].target)
-        if r is not None and r.layout is Layout.CHANNELS_LAST:
-            return Phys.channels_last(node.rank)
+    frontier, seen = [node.name], {node.name}
+    while frontier and len(seen) < 32:
+        name = frontier.pop(0)
+        for succ in graph.successors(name):
+            s = graph.nodes[succ]["op"]
+            policy = _policy(s)
+            if policy is Layout.CHANNELS_LAST:
+                return Phys.channels_last(node.rank)
+            if policy is Layout.ANY and succ not in seen and s.rank == node.rank:
+                seen.add(succ)
+                frontier.append(succ)
+                if any(_policy(graph.nodes[i]["op"]) is Layout.CHANNELS_LAST for i in s.inputs):
+                    return Phys.channels_last(node.rank)
     return Phys.identity(node.rank)
 
 

@@ -13,6 +13,7 @@ from op_rules.registry import lookup
 from tracer.errors import UnsupportedOpsError
 from tracer.ir import OP, OpNode, Ref, check_integrity, op, ordered, target_name, update
 from tracer.layout import assign_layouts
+from tracer.optimize import fold_batchnorm, fuse_activations, remove_identities
 
 
 def check_supported(graph: nx.DiGraph) -> nx.DiGraph:
@@ -113,13 +114,15 @@ def _refs(value: Any) -> list[Ref]:
     return []
 
 
-def passes(channels_last_io: bool) -> list[Callable[[nx.DiGraph], nx.DiGraph]]:
-    return [functionalize_inplace, expand_tuple_outputs, remove_dead, check_supported,
+def passes(channels_last_io: bool, fold_bn: bool = False) -> list[Callable[[nx.DiGraph], nx.DiGraph]]:
+    """The ordered pass list. ``fold_bn`` (inference models only) folds BatchNorm into conv/linear."""
+    return [functionalize_inplace, expand_tuple_outputs, remove_identities, remove_dead, check_supported,
+            *([fold_batchnorm] if fold_bn else []), fuse_activations,
             lambda g: assign_layouts(g, channels_last_io)]
 
 
-def run_passes(graph: nx.DiGraph, channels_last_io: bool = False) -> nx.DiGraph:
-    for p in passes(channels_last_io):
+def run_passes(graph: nx.DiGraph, channels_last_io: bool = False, fold_bn: bool = False) -> nx.DiGraph:
+    for p in passes(channels_last_io, fold_bn):
         graph = p(graph)
         check_integrity(graph)
     return graph

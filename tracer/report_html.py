@@ -10,6 +10,7 @@ gradient parity and the conversion facts.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from html import escape
 from pathlib import Path
 from typing import Any, Iterable
@@ -63,8 +64,9 @@ def write(path: str | Path, verify: dict, **kw: Any) -> Path:
 def _verdict(v: dict) -> str:
     ok = v.get("ok")
     n = len(v.get("nodes", []))
+    kinds = Counter(p["kind"] for p in v.get("problems", []))
     text = (f"Parity: {n} nodes and all outputs match PyTorch" if ok else
-            f"Parity failed: {len(v.get('problems', []))} problem(s)")
+            f"Parity failed: {sum(kinds.values())} problem(s) ({', '.join(f'{k} {c}' for k, c in kinds.items())})")
     return (f"<div class='verdict {'ok' if ok else 'bad'}' id='verdict'>{escape(text)}"
             f"<div style='font-size:13px;font-weight:400'>max node error {_num(v.get('max_node_error', 0))}"
             f" (tolerance {_num(v.get('node_tolerance', 0))}, max|diff| / max(1, max|torch|))</div></div>")

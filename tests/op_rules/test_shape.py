@@ -367,4 +367,4 @@ def test_advanced_indexing_raises_clear_error():
 
     index = torch.tensor([0, 2])
     with pytest.raises(ConversionError, match="advanced indexing"):
-        assert_converts(ConvThen(lambda m, y: y[:, index]), image())
+        assert_converts(ConvThen(lambda m, y: y[:, index, :, index]), image())  # two index tensors

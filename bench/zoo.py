@@ -1,0 +1,246 @@
+"""Convert a zoo of timm architectures with random weights and report parity, time and Transposes.
+
+Needs timm, which the project's own venv does not have: ``bash dev.sh zoo`` sets up
+``.venv-zoo`` (torch, torchvision, timm and this project) and runs this script there.
+
+Each model is converted in its own subprocess with a timeout, so one that hangs or exhausts
+memory costs only its own row. The table has, for each model: whether parity held (fp32,
+``max|keras - torch| <= 1e-5 * max(1, max|torch|)``), the largest absolute difference, the
+conversion time, the number of Transpose ops, and for failures the reason: the unsupported
+ops of an ``UnsupportedOpsError``, or the first line of any other error. Totals and the
+missing ops grouped by how many models need them follow.
+
+    python bench/zoo.py                         # every model below
+    python bench/zoo.py --models resnet18,vit_tiny_patch16_224 --timeout 300 --json out/zoo.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+# (timm name, family, input side, create_model kwargs): small inputs where the architecture allows
+ZOO: list[tuple[str, str, int, dict]] = [
+    ("resnet18", "cnn", 128, {}),
+    ("resnet50", "cnn", 128, {}),
+    ("seresnext26d_32x4d", "cnn", 128, {}),
+    ("resnest14d", "cnn", 128, {}),
+    ("res2net50_14w_8s", "cnn", 128, {}),
+    ("mobilenetv2_100", "cnn", 128, {}),
+    ("mobilenetv3_small_100", "cnn", 128, {}),
+    ("mobilenetv3_large_100", "cnn", 128, {}),
+    ("efficientnet_b0", "cnn", 128, {}),
+    ("tf_efficientnet_lite0", "cnn", 128, {}),
+    ("mixnet_s", "cnn", 128, {}),
+    ("mnasnet_100", "cnn", 128, {}),
+    ("fbnetc_100", "cnn", 128, {}),
+    ("lcnet_050", "cnn", 128, {}),
+    ("ghostnet_100", "cnn", 128, {}),
+    ("rexnet_100", "cnn", 128, {}),
+    ("regnetx_002", "cnn", 128, {}),
+    ("regnety_002", "cnn", 128, {}),
+    ("repvgg_a0", "cnn", 128, {}),
+    ("mobileone_s0", "cnn", 128, {}),
+    ("convnext_atto", "cnn", 128, {}),
+    ("densenet121", "cnn", 128, {}),
+    ("dla34", "cnn", 128, {}),
+    ("hrnet_w18_small", "cnn", 128, {}),
+    ("cspresnet50", "cnn", 128, {}),
+    ("ese_vovnet19b_dw", "cnn", 128, {}),
+    ("selecsls42b", "cnn", 128, {}),
+    ("nf_resnet26", "cnn", 128, {}),
+    ("vit_tiny_patch16_224", "vit", 96, {"img_size": 96}),
+    ("deit_tiny_distilled_patch16_224", "vit", 96, {"img_size": 96}),
+    ("swin_tiny_patch4_window7_224", "vit", 224, {}),
+    ("cait_xxs24_224", "vit", 96, {"img_size": 96}),
+    ("pit_ti_224", "vit", 224, {}),
+    ("levit_128s", "vit", 224, {}),
+    ("xcit_nano_12_p16_224", "vit", 96, {"img_size": 96}),
+    ("crossvit_tiny_240", "vit", 240, {}),
+    ("twins_pcpvt_small", "vit", 128, {}),
+    ("twins_svt_small", "vit", 128, {}),
+    ("tiny_vit_5m_224", "vit", 224, {}),
+    ("poolformer_s12", "hybrid", 128, {}),
+    ("mobilevit_xxs", "hybrid", 128, {}),
+    ("mobilevitv2_050", "hybrid", 128, {}),
+    ("coat_lite_tiny", "hybrid", 224, {}),
+    ("convit_tiny", "hybrid", 224, {}),
+    ("efficientformer_l1", "hybrid", 224, {}),
+    ("efficientformerv2_s0", "hybrid", 224, {}),
+    ("edgenext_xx_small", "hybrid", 128, {}),
+    ("visformer_tiny", "hybrid", 224, {}),
+    ("fastvit_t8", "hybrid", 128, {}),
+    ("mixer_s16_224", "mlp", 96, {"img_size": 96}),
+    ("resmlp_12_224", "mlp", 96, {"img_size": 96}),
+    ("gmlp_ti16_224", "mlp", 96, {"img_size": 96}),
+    ("sequencer2d_s", "mlp", 224, {}),
+]
+
+RESULT_TAG = "ZOO-RESULT "
+
+
+@dataclass
+class Row:
+    model: str
+    family: str
+    input: int
+    status: str = "error"  # ok | mismatch | unsupported | error | timeout | setup
+    params_m: float = 0.0
+    max_abs: float | None = None
+    max_rel: float | None = None
+    seconds: float | None = None
+    transposes: int | None = None
+    capture: str = ""
+    reason: str = ""
+    missing_ops: list[str] = field(default_factory=list)
+
+
+def convert_one(name: str, family: str, side: int, kwargs: dict) -> Row:
+    """Build ``name`` with random weights and convert it (runs inside the child process)."""
+    import timm
+    import torch
+
+    from tracer import convert_model
+    from tracer.errors import UnsupportedOpsError
+
+    row = Row(name, family, side)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        row.params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(x)
+    except Exception as e:  # the model itself, not the converter: reported as a setup failure
+        row.status, row.reason = "setup", _first_line(e)
+        return row
+    start = time.perf_counter()
+    try:
+        result = convert_model(model, x, n_random=1, raise_on_mismatch=False)
+    except UnsupportedOpsError as e:
+        row.status, row.missing_ops = "unsupported", [o["op"] for o in e.ops]
+        row.reason = "no rule: " + ", ".join(row.missing_ops)
+        return row
+    except Exception as e:
+        row.reason = f"{type(e).__name__}: {_first_line(e)}"
+        return row
+    finally:
+        row.seconds = round(time.perf_counter() - start, 1)
+    report = result.report
+    row.status = "ok" if report.ok else "mismatch"
+    row.max_abs, row.max_rel = report.max_abs, report.max_rel
+    row.transposes = result.transpose_count
+    row.capture = result.facts()["capture"].get("method", "")
+    return row
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else text
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        first += f" <- {type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
+    return first[:300]
+
+
+def run_child(entry: tuple, timeout: float) -> Row:
+    """Convert one model in a subprocess; a timeout or a crash becomes that model's row."""
+    name, family, side, kwargs = entry
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([name, family, side, kwargs])]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return Row(name, family, side, status="timeout", seconds=timeout, reason=f"over {timeout:.0f} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return Row(**json.loads(line[len(RESULT_TAG):]))
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return Row(name, family, side, status="error", reason=f"child exited {proc.returncode}: {tail[:300]}")
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'model':34} {'family':6} {'in':>4} {'Mparams':>8} {'parity':11} {'max abs':>9} {'scaled':>9} " \
+           f"{'sec':>6} {'Transp':>6}  reason"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.model:34} {r.family:6} {r.input:>4} {r.params_m:>8.2f} {r.status:11} "
+                     f"{_fmt(r.max_abs, '.2e'):>9} {_fmt(r.max_rel, '.2e'):>9} {_fmt(r.seconds, '.1f'):>6} "
+                     f"{_fmt(r.transposes, 'd'):>6}  {r.reason}")
+    return "\n".join(lines)
+
+
+def totals(rows: list[Row]) -> str:
+    n = len(rows)
+    by_status = Counter(r.status for r in rows)
+    ok = by_status.get("ok", 0)
+    lines = [f"parity ok: {ok}/{n} ({100.0 * ok / max(n, 1):.0f}%)  "
+             + "  ".join(f"{k}: {v}" for k, v in sorted(by_status.items()) if k != "ok")]
+    for fam in sorted({r.family for r in rows}):
+        sub = [r for r in rows if r.family == fam]
+        lines.append(f"  {fam:6} {sum(r.status == 'ok' for r in sub)}/{len(sub)}")
+    missing = Counter(op for r in rows for op in dict.fromkeys(r.missing_ops))
+    if missing:
+        lines.append("missing ops (number of models that need each):")
+        for op, k in missing.most_common():
+            users = ", ".join(r.model for r in rows if op in r.missing_ops)
+            lines.append(f"  {k:3d}  {op}  ({users})")
+    return "\n".join(lines)
+
+
+def select(spec: str | None) -> list[tuple]:
+    if not spec:
+        return list(ZOO)
+    known = {e[0]: e for e in ZOO}
+    out = []
+    for name in (s.strip() for s in spec.split(",") if s.strip()):
+        out.append(known.get(name, (name, "other", 224, {})))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", help="comma-separated timm names (default: the whole zoo); names not in the "
+                                     "zoo list are built with timm defaults at 224x224")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per model (default 600)")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        name, family, side, kwargs = json.loads(args.child)
+        print(RESULT_TAG + json.dumps(asdict(convert_one(name, family, side, kwargs))), flush=True)
+        return 0
+    rows = []
+    for entry in select(args.models):
+        row = run_child(entry, args.timeout)
+        rows.append(row)
+        print(f"[zoo] {row.model}: {row.status} {_fmt(row.seconds, '.1f')} s {row.reason}"[:200], flush=True)
+        if args.json:
+            _write_json(args.json, rows)
+    print()
+    print(table(rows))
+    print()
+    print(totals(rows))
+    return 0
+
+
+def _write_json(path: str, rows: list[Row]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=1)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

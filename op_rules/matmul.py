@@ -1,0 +1,182 @@
+"""Matrix products: matmul / ``@`` / bmm / mm, their ``add`` forms, and einsum.
+
+A product with a constant matrix on the right (``x @ W``, a weight) is a Dense layer and keeps
+the layout of ``x`` like a Linear does. Products of two computed tensors run in PyTorch's axis
+order. ``einsum`` reads each operand in the layout it has: its subscripts are permuted to the
+physical axis order, so no operand is transposed before it.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+from typing import Any
+
+import keras
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from emitter.context import Emit, to_numpy
+from op_rules.elementwise import scale
+from op_rules.registry import lookup, rule
+from tracer.ir import OpNode, Phys, Ref
+
+_PRODUCTS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm")
+_ADD_PRODUCTS = (torch.baddbmm, "baddbmm", torch.addmm, "addmm")
+
+
+def _operands(node: OpNode) -> tuple[Any, Any, Any]:
+    """(left, right, added) of ``matmul(input, other)``, ``bmm(input, mat2)`` and
+    ``baddbmm(input, batch1, batch2)`` / ``addmm(input, mat1, mat2)``; fx keys for ``@``."""
+    kw = node.kw
+    if node.target in _ADD_PRODUCTS:
+        return kw.get("batch1", kw.get("mat1")), kw.get("batch2", kw.get("mat2")), kw.get("input")
+    if "input" in kw:
+        return kw["input"], kw.get("other", kw.get("mat2")), None
+    return node.args[0], node.args[1], None
+
+
+def _is_const(v: Any, layouts: dict) -> bool:
+    return isinstance(v, Ref) and layouts.get(v.name) is None
+
+
+def _dense_form(node: OpNode, layouts: dict, shapes: dict) -> bool:
+    """``x @ W`` with a constant 2-D ``W`` (and a constant or no added term): a Dense layer."""
+    left, right, added = _operands(node)
+    return (isinstance(left, Ref) and not _is_const(left, layouts) and _is_const(right, layouts)
+            and len(shapes[right.name]) == 2 and len(shapes[left.name]) >= 2
+            and (added is None or not isinstance(added, Ref) or _is_const(added, layouts)))
+
+
+def _einsum_form(node: OpNode, layouts: dict, shapes: dict) -> bool:
+    """Two computed operands of one rank >= 2 with equal batch dims, nothing added: an einsum
+    reads both in their layouts (``q @ k.transpose(-2, -1)`` transposes nothing)."""
+    left, right, added = _operands(node)
+    if added is not None or not all(isinstance(r, Ref) and not _is_const(r, layouts) for r in (left, right)):
+        return False
+    a, b = shapes[left.name], shapes[right.name]
+    return len(a) == len(b) >= 2 and tuple(a[:-2]) == tuple(b[:-2])
+
+
+def _product_einsum(node: OpNode, ctx: Emit) -> Any:
+    left, right = _operands(node)[:2]
+    rank = node.rank
+    batch = "abcdefgh"[:rank - 2]
+    subs = []
+    for ref, sub in ((left, batch + "ij"), (right, batch + "jk")):
+        phys = node.in_layouts[node.inputs.index(ref.name)]
+        subs.append("".join(sub[p] for p in phys.perm))
+    x, y = (_tensor(node, ctx, r) for r in (left, right))
+    return keras.ops.einsum(f"{subs[0]},{subs[1]}->{batch}ik", x, y)
+
+
+def _as_linear(node: OpNode, weight: Any = None, bias: Any = None) -> OpNode:
+    left = _operands(node)[0]
+    return replace(node, target=F.linear, inputs=(left.name,), module=None,
+                   kw={"input": left, "weight": weight, "bias": bias})
+
+
+def _product_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    layouts = dict(zip(node.inputs, ins))
+    by_name = dict(zip(node.inputs, shapes))
+    full = [Phys.identity(len(s)) for s in shapes]
+    if _einsum_form(node, layouts, by_name):  # each operand read in its own layout
+        left, right = _operands(node)[:2]
+        for ref in (left, right):
+            p = layouts[ref.name]
+            full[node.inputs.index(ref.name)] = p if p.flat is None else full[node.inputs.index(ref.name)]
+        return full, Phys.identity(node.rank)
+    if not _dense_form(node, layouts, by_name):
+        return full, Phys.identity(node.rank)
+    left = _operands(node)[0].name
+    i = node.inputs.index(left)
+    req, out = lookup(F.linear).layout(_as_linear(node), [ins[i]], [shapes[i]])
+    full[i] = req[0]
+    return full, out
+
+
+@rule(*_PRODUCTS, *_ADD_PRODUCTS, layout=_product_layout)
+def matmul(node: OpNode, ctx: Emit) -> Any:
+    """``beta * added + alpha * (left @ right)``; a Dense layer when ``right`` is a weight."""
+    left, right, added = _operands(node)
+    alpha, beta = float(node.kw.get("alpha", 1)), float(node.kw.get("beta", 1))
+    layouts = {n: (None if ctx.graph.nodes[n]["op"].is_constant else p) for n, p in zip(node.inputs, node.in_layouts)}
+    shapes = {n: ctx.graph.nodes[n]["op"].shape for n in node.inputs}
+    if _dense_form(node, layouts, shapes):
+        w = np.asarray(_const(ctx, right), np.float32) * alpha
+        b = None if added is None else np.broadcast_to(np.asarray(_const(ctx, added), np.float32) * beta,
+                                                       (w.shape[1],)).copy()
+        t = _as_linear(node, w.T, b)
+        # not named like Keras' own auto-named ops ("matmul"), which do not avoid our names
+        t = replace(t, name=f"{node.name}_dense", in_layouts=(node.in_layouts[node.inputs.index(left.name)],))
+        return lookup(F.linear).fn(t, ctx)
+    if _einsum_form(node, layouts, shapes):
+        y = _product_einsum(node, ctx)
+    else:
+        y = keras.ops.matmul(_tensor(node, ctx, left), _tensor(node, ctx, right))
+    y = y if alpha == 1 else scale(y, alpha, ctx.name(node, "alpha"))
+    if added is None or (beta == 0 and isinstance(added, Ref)):
+        return y
+    if not isinstance(added, Ref):
+        return keras.ops.add(y, float(added) * beta)
+    b = _tensor(node, ctx, added)
+    b = b if beta == 1 else scale(b, beta, ctx.name(node, "beta"))
+    return keras.ops.subtract(y, keras.ops.negative(b))  # not add: see safe_add in op_rules/attention.py
+
+
+def _const(ctx: Emit, ref: Any) -> np.ndarray:
+    if isinstance(ref, Ref):
+        return to_numpy(ctx.graph.nodes[ref.name]["op"].value)
+    return np.asarray(ref)
+
+
+def _tensor(node: OpNode, ctx: Emit, ref: Ref) -> Any:
+    return ctx.tensor_input(node, ctx.index_of(node, ref))
+
+
+# ---- einsum --------------------------------------------------------------------------------
+
+def _einsum_parts(node: OpNode) -> tuple[str, list]:
+    args = list(node.args)
+    equation = args[0]
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = list(operands[0])
+    return equation.replace(" ", ""), operands
+
+
+def _subscripts(equation: str) -> tuple[list[str], str]:
+    lhs, arrow, rhs = equation.partition("->")
+    ins = lhs.split(",")
+    if not arrow:  # implicit output: the labels that appear once, sorted
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return ins, rhs
+
+
+def _einsum_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    equation, operands = _einsum_parts(node)
+    ellipsis = "..." in equation
+    req = []
+    for p, s in zip(ins, shapes):
+        keep = p is not None and p.flat is None and not ellipsis
+        req.append(p if keep else Phys.identity(len(s)))
+    return req, Phys.identity(node.rank)
+
+
+@rule(torch.einsum, layout=_einsum_layout)
+def einsum(node: OpNode, ctx: Emit) -> Any:
+    """keras.ops.einsum with each operand's subscripts in its physical axis order."""
+    equation, operands = _einsum_parts(node)
+    subs, out = _subscripts(equation)
+    if len(subs) != len(operands):
+        raise ValueError(f"einsum equation {equation!r} names {len(subs)} operands, got {len(operands)}")
+    tensors, physical = [], []
+    for sub, ref in zip(subs, operands):
+        if not isinstance(ref, Ref):
+            raise ValueError(f"einsum operand {ref!r} is not a tensor")
+        i = ctx.index_of(node, ref)
+        tensors.append(ctx.tensor_input(node, i))
+        phys = node.in_layouts[i]
+        physical.append(sub if "..." in sub else "".join(sub[p] for p in phys.perm))
+    return keras.ops.einsum(f"{','.join(physical)}->{out}", *tensors)

@@ -1,0 +1,42 @@
+"""Ops outside the other families that the transformer examples and the timm zoo need.
+
+* ``unbind``: a tensor into the tuple of its slices along one axis (``q, k, v = qkv.unbind(0)``
+  after the fused qkv projection of ViT-style attention). Like ``split``, no data moves but the
+  slicing: the slices keep the input's physical layout minus the unbound axis, so the
+  ``permute(2, 0, 3, 1, 4)`` that usually comes before stays bookkeeping. ``aten.unbind.int``
+  (torch.export capture) has the same arguments and takes the same rule.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import torch
+
+from emitter.context import Emit
+from op_rules.registry import rule
+from tracer.ir import OpNode, Phys
+from tracer.layout import drop_dims
+
+
+def _unbind_dim(node: OpNode, rank: int) -> int:
+    return node.kw.get("dim", node.args[1] if len(node.args) > 1 else 0) % rank
+
+
+def _unbind_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    rank = len(shapes[0])
+    phys = ins[0] if ins[0] is not None and ins[0].flat is None else Phys.identity(rank)
+    return [phys], drop_dims(phys, {_unbind_dim(node, rank)})
+
+
+@rule(torch.unbind, "unbind", torch.ops.aten.unbind.int, layout=_unbind_layout)
+def unbind(node: OpNode, ctx: Emit) -> Any:
+    """The slices along one axis, each without that axis."""
+    x = ctx.input(node, 0)
+    phys = node.in_layouts[0]
+    dim = _unbind_dim(node, len(phys.perm))
+    axis = phys.axis(dim)
+    if axis == 0:
+        raise NotImplementedError(f"unbind along torch dim {dim}, which is the Keras batch axis: the number of "
+                                  "pieces would depend on the batch size")
+    return tuple(keras.ops.unstack(x, num=x.shape[axis], axis=axis))

@@ -1,0 +1,115 @@
+"""Normalization over features: LayerNorm, GroupNorm, InstanceNorm (modules and functionals).
+
+LayerNorm normalizes torch's trailing dims; it runs in whatever layout its input has, over
+the physical axes that hold those dims, so a LayerNorm over the channels of an NHWC map
+(``x.permute(0, 2, 3, 1)`` then ``nn.LayerNorm(C)``) needs no transpose. GroupNorm and
+InstanceNorm normalize per channel group: channels-last, like BatchNorm.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emitter.context import Emit
+from op_rules.common import call_with_weights, param, trainable, weight_of
+from op_rules.registry import Layout, rule
+from tracer.ir import OpNode, Phys
+
+
+def _normalized_shape(node: OpNode) -> tuple[int, ...]:
+    shape = param(node, "normalized_shape")
+    return tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+
+
+def _layer_norm_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    """Any layout but a flattened one: the statistics do not care where the axes sit."""
+    rank = len(shapes[0])
+    phys = ins[0] if ins[0] is not None and ins[0].flat is None else Phys.identity(rank)
+    return [phys] + [Phys.identity(len(s)) for s in shapes[1:]], phys
+
+
+@rule(nn.LayerNorm, F.layer_norm, layout=_layer_norm_layout)
+def layer_norm(node: OpNode, ctx: Emit) -> Any:
+    """keras LayerNormalization over the physical axes of the normalized dims, PyTorch's epsilon.
+
+    gamma and beta are laid out like those axes (transposed when the layout reorders them).
+    """
+    x = ctx.input(node, 0)
+    phys = node.in_layouts[0]
+    rank = len(phys.perm)
+    k = len(_normalized_shape(node))
+    dims = range(rank - k, rank)
+    axes = sorted(phys.axis(d) for d in dims)
+    order = [phys.perm[a] - (rank - k) for a in axes]  # torch dim (within normalized) at each axis
+    gamma, beta = weight_of(node, ctx, "weight"), weight_of(node, ctx, "bias")
+    layer = keras.layers.LayerNormalization(axis=axes, epsilon=float(param(node, "eps", 1e-5)),
+                                            center=beta is not None, scale=gamma is not None,
+                                            name=ctx.name(node))
+    weights = [np.transpose(np.asarray(w, np.float32), order) for w in (gamma, beta) if w is not None]
+    y = call_with_weights(layer, x, weights)
+    layer.trainable = trainable(node)
+    return y
+
+
+def _group_norm_weights(node: OpNode, ctx: Emit) -> tuple[Any, Any]:
+    return weight_of(node, ctx, "weight"), weight_of(node, ctx, "bias")
+
+
+@rule(nn.GroupNorm, F.group_norm, layout=Layout.CHANNELS_LAST)
+def group_norm(node: OpNode, ctx: Emit) -> Any:
+    """keras GroupNormalization on the channels-last axis: torch's groups are contiguous channel
+    runs, as Keras' reshape of the last axis into (groups, channels / groups) makes them."""
+    groups = int(param(node, "num_groups"))
+    gamma, beta = _group_norm_weights(node, ctx)
+    return _group_normalization(node, ctx, groups, gamma, beta)
+
+
+def _group_normalization(node: OpNode, ctx: Emit, groups: int, gamma: Any, beta: Any) -> Any:
+    layer = keras.layers.GroupNormalization(groups=groups, axis=-1, epsilon=float(param(node, "eps", 1e-5)),
+                                            center=beta is not None, scale=gamma is not None,
+                                            name=ctx.name(node))
+    weights = [np.asarray(w, np.float32).reshape(-1) for w in (gamma, beta) if w is not None]
+    y = call_with_weights(layer, ctx.input(node, 0), weights)
+    layer.trainable = trainable(node)
+    return y
+
+
+@rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm, layout=Layout.CHANNELS_LAST)
+def instance_norm(node: OpNode, ctx: Emit) -> Any:
+    """Per-sample, per-channel statistics (GroupNormalization with one group per channel); with
+    tracked running statistics in eval mode, those (BatchNormalization)."""
+    channels = node.shape[1]
+    if node.module is not None:
+        running = node.module.track_running_stats
+    else:
+        running = not ctx.value(node, "use_input_stats", True)
+    gamma, beta = weight_of(node, ctx, "weight"), weight_of(node, ctx, "bias")
+    if not running:
+        return _group_normalization(node, ctx, channels, gamma, beta)
+    mean, var = weight_of(node, ctx, "running_mean"), weight_of(node, ctx, "running_var")
+    if mean is None or var is None:
+        raise ValueError("instance_norm(use_input_stats=False) needs running_mean and running_var")
+    layer = keras.layers.BatchNormalization(axis=-1, epsilon=float(param(node, "eps", 1e-5)),
+                                            center=beta is not None, scale=gamma is not None,
+                                            name=ctx.name(node))
+    weights = [w for w in (gamma, beta) if w is not None] + [mean, var]
+    y = call_with_weights(layer, ctx.input(node, 0), [np.asarray(w, np.float32) for w in weights])
+    layer.trainable = trainable(node)
+    return y
+
+
+def layer_norm_module(ctx: Emit, x: Any, m: nn.LayerNorm, name: str, train: bool = True) -> Any:
+    """An ``nn.LayerNorm`` inside a composite rule (Transformer layers), on PyTorch's axis order."""
+    k = len(m.normalized_shape)
+    rank = len(x.shape)
+    gamma = None if m.weight is None else m.weight.detach().cpu().numpy()
+    beta = None if m.bias is None else m.bias.detach().cpu().numpy()
+    layer = keras.layers.LayerNormalization(axis=list(range(rank - k, rank)), epsilon=float(m.eps),
+                                            center=beta is not None, scale=gamma is not None, name=name)
+    y = call_with_weights(layer, x, [np.asarray(w, np.float32) for w in (gamma, beta) if w is not None])
+    layer.trainable = train
+    return y

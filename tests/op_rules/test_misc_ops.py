@@ -1,0 +1,73 @@
+"""Parity sweeps for op_rules/misc_ops.py (unbind)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.helpers import assert_converts
+from tracer import convert_model
+from tracer.errors import ConversionError
+
+
+class ConvUnbind(nn.Module):
+    """conv (an NHWC map inside Keras), then the slices along ``dim`` combined with distinct weights."""
+
+    def __init__(self, dim: int, method: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.dim, self.method = dim, method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        parts = y.unbind(self.dim) if self.method else torch.unbind(y, dim=self.dim)
+        return sum((k + 1) * p for k, p in enumerate(parts))
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, -1, -2])
+@pytest.mark.parametrize("method", [True, False])
+def test_unbind_of_an_image_map(dim, method):
+    x = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(1))
+    result = assert_converts(ConvUnbind(dim, method), x)
+    # the NCHW input, and for a rank-3 (B, C, W) result still channels-last, the output; the slicing none
+    assert result.transpose_count == (1 if dim == 1 else 2)
+
+
+class FusedQKV(nn.Module):
+    """ViT-style heads: linear to 3*dim, reshape, permute(2, 0, 3, 1, 4), unbind(0), attention scores."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return (q * 2.0 + k) * v.sigmoid()
+
+
+def test_unbind_after_permute_moves_no_data():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    result = assert_converts(FusedQKV(), x)
+    assert result.transpose_count == 1  # only for the (B, heads, N, d) output in torch order
+
+
+def test_unbind_captured_with_torch_export():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    result = convert_model(FusedQKV(), x, capture="export", n_random=1, raise_on_mismatch=False)
+    assert result.facts()["capture"]["method"] == "torch.export"
+    assert result.report.ok, result.report.summary()
+    assert result.facts()["ops_by_rule"]["unbind"] == 1
+
+
+class UnbindBatch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unbind(0)[0]
+
+
+def test_unbind_of_the_batch_axis_is_refused_with_a_reason():
+    with pytest.raises(ConversionError, match="batch axis"):
+        convert_model(UnbindBatch(), torch.randn(2, 3))

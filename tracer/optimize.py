@@ -1,0 +1,214 @@
+"""Clean-up passes: identity removal, BatchNorm folding, activation fusion.
+
+Each is a function ``Graph -> Graph`` run from ``tracer.passes.passes`` and changes results by
+fp32 rounding at most. A node that absorbs its successor keeps the successor's name (it now
+computes that value), so per-node comparisons with PyTorch still line up; what was done is
+recorded in the node's ``notes`` and shown in ``ConversionResult.facts()["notes"]``.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import replace
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from op_rules.registry import lookup
+from tracer.ir import OpNode, Ref, op, ordered, set_op
+
+
+# ---- graph surgery -------------------------------------------------------------------------
+
+def _swap_refs(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, Ref):
+        return Ref(new) if value.name == old else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_swap_refs(v, old, new) for v in value)
+    if isinstance(value, dict):
+        return {k: _swap_refs(v, old, new) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(*(_swap_refs(v, old, new) for v in (value.start, value.stop, value.step)))
+    return value
+
+
+def replace_uses(graph: nx.DiGraph, old: str, new: str) -> None:
+    """Every consumer of ``old`` reads ``new`` instead (arguments, inputs and edges)."""
+    for user in list(graph.successors(old)):
+        node = op(graph, user)
+        inputs = tuple(dict.fromkeys(new if i == old else i for i in node.inputs))
+        set_op(graph, replace(node, inputs=inputs, args=_swap_refs(node.args, old, new),
+                              kw=_swap_refs(node.kw, old, new)))
+        graph.remove_edge(old, user)
+        graph.add_edge(new, user)
+
+
+def absorb(graph: nx.DiGraph, first: OpNode, last: OpNode, merged: OpNode, note: str) -> None:
+    """Replace the chain ``first -> last`` (``last`` its only user) by ``merged`` under ``last``'s name."""
+    merged = replace(merged, name=last.name, shape=last.shape, dtype=last.dtype,
+                     notes=(*first.notes, *last.notes, note))
+    for src in merged.inputs:
+        graph.add_edge(src, last.name)
+    graph.remove_node(first.name)
+    set_op(graph, merged)
+
+
+def _sole_user(graph: nx.DiGraph, name: str) -> str | None:
+    users = list(graph.successors(name))
+    return users[0] if len(users) == 1 else None
+
+
+def _rule_name(node: OpNode) -> str | None:
+    """The built-in rule handling ``node`` ("conv", "linear", ...); None for user or override rules."""
+    r = lookup(node.target)
+    return r.name if r is not None and r.fn.__module__ == _BUILTIN.get(r.name) else None
+
+
+_BUILTIN = {"identity": "op_rules.linear", "linear": "op_rules.linear", "reshape": "op_rules.shape",
+            "permute": "op_rules.shape", "conv": "op_rules.conv", "batch_norm": "op_rules.norm"}
+
+
+def _compact_order(graph: nx.DiGraph) -> nx.DiGraph:
+    graph.graph["order"] = [n for n in graph.graph["order"] if n in graph]
+    return graph
+
+
+# ---- identity and no-op removal --------------------------------------------------------------
+
+_ARITH_NOOPS = {operator.mul: 1, torch.mul: 1, "mul": 1, operator.truediv: 1, torch.div: 1, "div": 1,
+                operator.add: 0, torch.add: 0, "add": 0, operator.sub: 0, torch.sub: 0, "sub": 0}
+
+
+def _passes_through(graph: nx.DiGraph, node: OpNode) -> bool:
+    """Whether ``node`` returns its first input unchanged (same shape and dtype)."""
+    if not node.kind.startswith("call") or not node.inputs or node.shape is None:
+        return False
+    src = op(graph, node.inputs[0])
+    if src.is_constant or src.shape != node.shape or src.dtype != node.dtype:
+        return False
+    rule = _rule_name(node)
+    if rule == "identity":
+        return True
+    if rule == "reshape":
+        return True  # a reshape to the same shape
+    if rule == "permute":
+        dims = node.kw.get("dims")
+        return dims is not None and tuple(d % node.rank for d in dims) == tuple(range(node.rank))
+    if node.kind == "call_module" or len(node.args) != 2 or not isinstance(node.args[0], Ref):
+        return False
+    try:
+        neutral = _ARITH_NOOPS.get(node.target)
+    except TypeError:  # unhashable target
+        return False
+    other = node.args[1]
+    return (neutral is not None and node.kw.get("alpha", 1) == 1 and not isinstance(other, bool)
+            and isinstance(other, (int, float)) and other == neutral and node.args[0].name == src.name)
+
+
+def remove_identities(graph: nx.DiGraph) -> nx.DiGraph:
+    """Drop Identity, Dropout (inference), ``contiguous()``, same-shape reshapes, ``x * 1``, ``x + 0``."""
+    for name in [n.name for n in ordered(graph)]:
+        node = op(graph, name)  # re-read: removing an earlier identity rewrote this node's inputs
+        if _passes_through(graph, node):
+            replace_uses(graph, node.name, node.inputs[0])
+            graph.remove_node(node.name)
+    return _compact_order(graph)
+
+
+# ---- BatchNorm folding (inference only) ------------------------------------------------------
+
+def _foldable_producer(graph: nx.DiGraph, bn: OpNode) -> OpNode | None:
+    if bn.kind != "call_module" or _rule_name(bn) != "batch_norm" or not bn.inputs:
+        return None
+    m = bn.module
+    if not m.track_running_stats or m.running_mean is None:
+        return None
+    prev = op(graph, bn.inputs[0])
+    if prev.kind != "call_module" or _sole_user(graph, prev.name) != bn.name:
+        return None
+    if _rule_name(prev) == "conv" and isinstance(prev.module, nn.modules.conv._ConvNd):
+        return prev if not prev.module.transposed and prev.module.out_channels == m.num_features else None
+    if _rule_name(prev) == "linear" and isinstance(prev.module, nn.Linear) and bn.rank == 2:
+        return prev if prev.module.out_features == m.num_features else None
+    return None
+
+
+def folded_module(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """A copy of ``layer`` (conv or linear) computing ``bn(layer(x))`` in eval mode; ``layer`` is untouched."""
+    with torch.no_grad():
+        w = layer.weight.detach().double()
+        b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        scale = (bn.running_var.double() + bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().double()
+        shift = -bn.running_mean.double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().double()
+        dtype = layer.weight.dtype
+        new_w = (w * scale.reshape(-1, *[1] * (w.ndim - 1))).to(dtype)
+        new_b = (b * scale + shift).to(dtype)
+    fused = copy.copy(layer)
+    fused._parameters = dict(layer._parameters)
+    fused._parameters["weight"] = nn.Parameter(new_w, requires_grad=layer.weight.requires_grad)
+    fused._parameters["bias"] = nn.Parameter(new_b, requires_grad=layer.weight.requires_grad)
+    return fused
+
+
+def fold_batchnorm(graph: nx.DiGraph) -> nx.DiGraph:
+    """Fold eval-mode BatchNorm into the conv or linear before it (``--fold-bn``, inference only).
+
+    ``bn(conv(x)) = (s * W) x + s * (b - mean) + beta`` with ``s = gamma / sqrt(var + eps)``, per
+    output channel. The model's own modules are not changed; the folded node gets a copy.
+    """
+    for bn in ordered(graph):  # a fold rewrites only the two nodes it merges
+        prev = _foldable_producer(graph, bn) if bn.kind == "call_module" else None
+        if prev is None:
+            continue
+        merged = replace(prev, module=folded_module(prev.module, bn.module))
+        absorb(graph, prev, bn, merged, f"BatchNorm {bn.module_path or bn.name} folded into this layer (fold_bn)")
+    return _compact_order(graph)
+
+
+# ---- activation fusion ----------------------------------------------------------------------
+
+_FUSABLE = {nn.ReLU: "relu", F.relu: "relu", torch.relu: "relu", "relu": "relu",
+            nn.ReLU6: "relu6", F.relu6: "relu6",
+            nn.Sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", "sigmoid": "sigmoid",
+            nn.Tanh: "tanh", F.tanh: "tanh", torch.tanh: "tanh", "tanh": "tanh",
+            nn.SiLU: "silu", F.silu: "silu", nn.GELU: "gelu", F.gelu: "gelu"}
+
+
+def keras_activation(node: OpNode) -> str | None:
+    """The Keras activation name computing ``node`` exactly, if it is one a Conv/Dense can take."""
+    r = lookup(node.target)
+    if r is None or r.fn.__module__ != "op_rules.activation" or len(node.inputs) != 1:
+        return None
+    try:
+        name = _FUSABLE.get(node.target)
+    except TypeError:  # unhashable target
+        return None
+    if name == "gelu":
+        approximate = node.module.approximate if node.module is not None else node.kw.get("approximate", "none")
+        return name if approximate == "none" else None
+    return name
+
+
+def fuse_activations(graph: nx.DiGraph) -> nx.DiGraph:
+    """A Conv or Dense whose only user is relu/relu6/sigmoid/tanh/silu/exact gelu takes it as ``activation=``.
+
+    The rules read it from ``node.kw["fused_activation"]``.
+    """
+    for act in ordered(graph):  # a fusion rewrites only the two nodes it merges
+        name = keras_activation(act) if act.kind.startswith("call") else None
+        if name is None:
+            continue
+        prev = op(graph, act.inputs[0])
+        if (_rule_name(prev) not in ("conv", "linear") or prev.kw.get("fused_activation")
+                or _sole_user(graph, prev.name) != act.name):
+            continue
+        merged = replace(prev, kw={**prev.kw, "fused_activation": name})
+        absorb(graph, prev, act, merged, f"activation {name} ({act.name}) fused into this layer")
+    return _compact_order(graph)
