@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+THREADS = 2
 MODELS = {
     # name: (module path, factory, input shape)
     "repvit_kws": ("examples/repvit_kws.py", "build", (1, 100, 40)),
@@ -40,18 +41,6 @@ def _load(path: str, name: str):
     sys.path.insert(0, str((ROOT / path).parent))
     spec.loader.exec_module(module)
     return getattr(module, name)
-
-
-def _median_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
-    import numpy as np
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
 
 
 def _rss_mb() -> float:
@@ -74,12 +63,37 @@ def _warm_up() -> None:
     convert_model(tiny, torch.randn(1, 3, 4, 4), check=False)
 
 
-def _keras_latency(keras_model, perm: tuple, shape: tuple, batch: int, jit: bool = False) -> float:
+def _interleaved_ms(fns: dict, repeats: int = 30, warmup: int = 5) -> dict:
+    """Median ms of each function, calls interleaved so all of them see the same machine load."""
+    import numpy as np
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _keras_call(keras_model, perm: tuple, shape: tuple, batch: int, jit: bool = False):
     import numpy as np
     import tensorflow as tf
     x = tf.constant(np.transpose(np.random.randn(batch, *shape[1:]).astype("float32"), perm))
     call = tf.function(lambda t: keras_model(t, training=False), jit_compile=jit)
-    return _median_ms(lambda: call(x))
+    return lambda: call(x)
+
+
+def _torch_call(model, shape: tuple, batch: int):
+    import torch
+    x = torch.randn(batch, *shape[1:])
+
+    def run():
+        with torch.no_grad():
+            model(x)
+    return run
 
 
 def measure(name: str) -> dict:
@@ -89,8 +103,8 @@ def measure(name: str) -> dict:
 
     from tracer import convert_model
 
-    torch.set_num_threads(2)
-    tf.config.threading.set_intra_op_parallelism_threads(2)
+    torch.set_num_threads(THREADS)
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     path, factory, shape = MODELS[name]
     model = _load(path, factory)().eval()
@@ -106,29 +120,28 @@ def measure(name: str) -> dict:
     row = {"model": name, "params": params, "convert_s": seconds, "peak_mb": peak, "nodes": result.facts()["nodes"],
            "transposes": result.transpose_count,
            "transposes_cl": convert_model(model, x, check=False, channels_last_io=True).transpose_count}
-    km, perm = result.keras_model, result.input_layouts[0].perm
-    for batch in (1, 8):
-        xb = torch.randn(batch, *shape[1:])
-        with torch.no_grad():
-            row[f"torch_b{batch}_ms"] = _median_ms(lambda: model(xb))
-        row[f"keras_b{batch}_ms"] = _keras_latency(km, perm, shape, batch)
-    row["keras_fold_b1_ms"] = _keras_latency(folded.keras_model, perm, shape, 1)
-    row["xla_fold_b1_ms"] = _keras_latency(folded.keras_model, perm, shape, 1, jit=True)
-    row["tflite_b1_ms"] = _tflite_latency(folded.keras_model, np.transpose(x.numpy(), perm))
+    km, fm, perm = result.keras_model, folded.keras_model, result.input_layouts[0].perm
+    b1 = {"torch_b1_ms": _torch_call(model, shape, 1), "keras_b1_ms": _keras_call(km, perm, shape, 1),
+          "keras_fold_b1_ms": _keras_call(fm, perm, shape, 1), "xla_fold_b1_ms": _keras_call(fm, perm, shape, 1, True)}
+    tfl = _tflite_call(fm, np.transpose(x.numpy(), perm))
+    if tfl is not None:
+        b1["tflite_b1_ms"] = tfl
+    row.update(_interleaved_ms(b1))
+    row.update(_interleaved_ms({"torch_b8_ms": _torch_call(model, shape, 8),
+                                "keras_b8_ms": _keras_call(km, perm, shape, 8)}, repeats=15))
     return row
 
 
-def _tflite_latency(keras_model, x) -> float | None:
+def _tflite_call(keras_model, x):
     try:
         from emitter.tflite import export_tflite
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         return None
-    interp = Interpreter(model_content=export_tflite(keras_model, "fp32"), num_threads=2)
+    interp = Interpreter(model_content=export_tflite(keras_model, "fp32"), num_threads=THREADS)
     interp.allocate_tensors()
-    inp = interp.get_input_details()[0]["index"]
-    interp.set_tensor(inp, x.astype("float32"))
-    return _median_ms(interp.invoke)
+    interp.set_tensor(interp.get_input_details()[0]["index"], x.astype("float32"))
+    return interp.invoke
 
 
 def measure_memory() -> dict:
@@ -202,7 +215,7 @@ def _cell(r: dict, key, spec: str):
 
 
 def print_table(rows: list[dict]) -> None:
-    """Latencies in ms (median of 30 calls after 5 warm-up ones); ratios are Keras or TFLite over PyTorch.
+    """Latencies in ms (median of 30 calls at batch 1, 15 at batch 8, after 5 warm-up ones, interleaved); ratios are Keras or TFLite over PyTorch.
 
     keras: tf.function of the default conversion; fold: with fold_bn=True; xla: the folded model
     under tf.function(jit_compile=True); tfl: the folded model as TFLite fp32 in LiteRT.

@@ -8,10 +8,12 @@ memory costs only its own row. The table has, for each model: whether parity hel
 ``max|keras - torch| <= 1e-5 * max(1, max|torch|)``), the largest absolute difference, the
 conversion time, the number of Transpose ops, and for failures the reason: the unsupported
 ops of an ``UnsupportedOpsError``, or the first line of any other error. Totals and the
-missing ops grouped by how many models need them follow.
+missing ops grouped by how many models need them follow. Weights are timm's random
+initialization with every constant-initialized tensor perturbed (:func:`perturb`).
 
     python bench/zoo.py                         # every model below
     python bench/zoo.py --models resnet18,vit_tiny_patch16_224 --timeout 300 --json out/zoo.json
+    python bench/zoo.py --report out/zoo.json out/zoo2.json   # the table of saved runs, merged
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ def convert_one(name: str, family: str, side: int, kwargs: dict) -> Row:
     row = Row(name, family, side)
     try:
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        model = perturb(timm.create_model(name, pretrained=False, **kwargs)).eval()
         row.params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -137,6 +139,28 @@ def convert_one(name: str, family: str, side: int, kwargs: dict) -> Row:
     row.transposes = result.transpose_count
     row.capture = result.facts()["capture"].get("method", "")
     return row
+
+
+def perturb(model: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":
+    """Make constant-initialized tensors random, so parity cannot pass on a dead branch.
+
+    timm initializes classifier heads of several models to zeros (the output would be all zeros),
+    layer scales to 1e-5 (residual branches nearly invisible), biases to zeros and BatchNorm
+    statistics to (0, 1). Every parameter or BatchNorm statistic whose values are all equal gets
+    noise: ``value + 0.1 * N(0, 1)``, running variances ``1 + U(0, 0.5)``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and torch.all(p == p.reshape(-1)[0]):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1 + 0.5 * torch.rand(m.running_var.shape, generator=g))
+    return model
 
 
 def _first_line(e: BaseException) -> str:
@@ -214,8 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "zoo list are built with timm defaults at 224x224")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per model (default 600)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="print the table of saved --json runs (merged, "
+                                                                 "the last file wins for a model) instead of running")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.report:
+        _print_results(_load_rows(args.report))
+        return 0
     if args.child:
         name, family, side, kwargs = json.loads(args.child)
         print(RESULT_TAG + json.dumps(asdict(convert_one(name, family, side, kwargs))), flush=True)
@@ -227,11 +256,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[zoo] {row.model}: {row.status} {_fmt(row.seconds, '.1f')} s {row.reason}"[:200], flush=True)
         if args.json:
             _write_json(args.json, rows)
+    _print_results(rows)
+    return 0
+
+
+def _print_results(rows: list[Row]) -> None:
     print()
     print(table(rows))
     print()
     print(totals(rows))
-    return 0
+
+
+def _load_rows(paths: list[str]) -> list[Row]:
+    """Rows of saved runs, one per model (the last file wins), in zoo order, unknown models last."""
+    merged: dict[str, Row] = {}
+    for path in paths:
+        with open(path) as f:
+            merged.update((d["model"], Row(**d)) for d in json.load(f))
+    order = {e[0]: i for i, e in enumerate(ZOO)}
+    return sorted(merged.values(), key=lambda r: order.get(r.model, len(order)))
 
 
 def _write_json(path: str, rows: list[Row]) -> None:

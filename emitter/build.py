@@ -7,6 +7,7 @@ import keras
 import networkx as nx
 
 from emitter.context import Emit
+from fixes.deep_graphs import recursion_room
 from op_rules.registry import lookup
 from tracer.errors import ConversionError, TracerError
 from tracer.ir import OpNode, Ref, ordered
@@ -36,7 +37,8 @@ def build_model(graph: nx.DiGraph, name: str = "converted",
             outputs = _outputs(node, ctx)
         else:
             ctx.tensors[node.name] = _emit_node(node, ctx)
-    model = keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs, outputs=outputs, name=_model_name(name))
+    with recursion_room(3 * len(nodes)):  # each node emits a few Keras ops at most
+        model = keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs, outputs=outputs, name=_model_name(name))
     return model, ctx
 
 

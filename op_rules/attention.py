@@ -22,7 +22,7 @@ from op_rules.common import call_with_weights, trainable
 from op_rules.elementwise import scale
 from op_rules.norm_layers import layer_norm_module
 from op_rules.registry import Layout, rule
-from tracer.ir import OpNode, Ref
+from tracer.ir import OpNode, Phys, Ref
 
 
 def safe_add(a: Any, b: Any) -> Any:
@@ -52,16 +52,16 @@ def _mask(node: OpNode, ctx: Emit, ref: Any, allowed_if_true: bool, shape: tuple
 
 
 def attend(node: OpNode, ctx: Emit, q: Any, k: Any, v: Any, factor: float, masks: list,
-           subs: tuple[str, str, str] = ("...le", "...se", "...ls")) -> tuple[Any, Any]:
+           subs: tuple[str, ...] = ("...le", "...se", "...sf", "...ls", "...lf")) -> tuple[Any, Any]:
     """``(softmax(q @ k^T * factor + sum(masks)) @ v, the softmax)`` as two einsums; ``subs``:
-    the subscripts of q, of k and v, and of the scores (default q (..., L, E), k (..., S, E))."""
-    qs, ks, ss = subs
+    the subscripts of q, k, v, the scores (the masks' order) and the output."""
+    qs, ks, vs, ss, os = subs
     s = keras.ops.einsum(f"{qs},{ks}->{ss}", q, k)
     s = scale(s, factor, ctx.name(node, "scale"))
     for m in masks:
         s = safe_add(s, m)
     weights = keras.ops.softmax(s, axis=-1)
-    return keras.ops.einsum(f"{ss},{ks}->{qs}", weights, v), weights
+    return keras.ops.einsum(f"{ss},{vs}->{os}", weights, v), weights
 
 
 def _causal(node: OpNode, ctx: Emit, lq: int, lk: int, rank: int) -> Any:
@@ -70,8 +70,29 @@ def _causal(node: OpNode, ctx: Emit, lq: int, lk: int, rank: int) -> Any:
     return ctx.constant(m, ctx.name(node, "causal"))
 
 
-@rule(F.scaled_dot_product_attention, layout=Layout.TORCH)
+_QKV = ("query", "key", "value")
+
+
+def _sdpa_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    """q, k and v in the layouts they have (heads split by a permute stay put); the output in q's."""
+    req = [Phys.identity(len(s)) for s in shapes]
+    for name in (node.kw[n].name for n in _QKV):
+        i = node.inputs.index(name)
+        if ins[i] is not None and ins[i].flat is None and len(shapes[i]) == node.rank:
+            req[i] = ins[i]
+    return req, Phys(req[node.inputs.index(node.kw["query"].name)].perm)
+
+
+def _sdpa_subscripts(node: OpNode) -> tuple[str, ...]:
+    batch = "abcdefgh"[:node.rank - 2]
+    phys = [node.in_layouts[node.inputs.index(node.kw[n].name)].perm for n in _QKV]
+    q, k, v = ("".join((batch + sub)[a] for a in p) for p, sub in zip(phys, ("le", "se", "sf")))
+    return q, k, v, batch + "ls", "".join((batch + "lf")[a] for a in node.layout.perm)
+
+
+@rule(F.scaled_dot_product_attention, layout=_sdpa_layout)
 def scaled_dot_product_attention(node: OpNode, ctx: Emit) -> Any:
+    """Each of q, k, v read in its own layout by the einsums; masks in PyTorch's order."""
     kw = node.kw
     if kw.get("enable_gqa"):
         raise NotImplementedError("scaled_dot_product_attention(enable_gqa=True) is not supported")
@@ -87,7 +108,7 @@ def scaled_dot_product_attention(node: OpNode, ctx: Emit) -> Any:
     if isinstance(mask, Ref):
         mshape = ctx.graph.nodes[mask.name]["op"].shape
         masks.append(_mask(node, ctx, mask, True, (1,) * (node.rank - len(mshape)) + tuple(mshape), "mask"))
-    return attend(node, ctx, q, k, v, factor, masks)[0]
+    return attend(node, ctx, q, k, v, factor, masks, _sdpa_subscripts(node))[0]
 
 
 # ---- nn.MultiheadAttention -------------------------------------------------------------------
@@ -130,7 +151,7 @@ def mha(node: OpNode, ctx: Emit, m: nn.MultiheadAttention, qkv: tuple, shapes: l
         masks.append(_causal(node, ctx, lq, lk, 4))
     if isinstance(a.get("key_padding_mask"), Ref):
         masks.append(_mask(node, ctx, a["key_padding_mask"], False, (b, 1, 1, lk), f"{prefix}key_padding_mask"))
-    subs = ("blhd", "bshd", "bhls") if bf else ("lbhd", "sbhd", "bhls")
+    subs = ("blhd", "bshd", "bshd", "bhls", "blhd") if bf else ("lbhd", "sbhd", "sbhd", "bhls", "lbhd")
     out, weights = attend(node, ctx, *split, 1.0 / math.sqrt(m.head_dim), masks, subs)
     out = keras.ops.reshape(out, (-1, lq, m.embed_dim) if bf else (-1, b, m.embed_dim))
     return dense_module(node, ctx, out, m.out_proj, f"{prefix}out_proj"), weights

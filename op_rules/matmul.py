@@ -59,6 +59,9 @@ def _einsum_form(node: OpNode, layouts: dict, shapes: dict) -> bool:
 
 
 def _product_einsum(node: OpNode, ctx: Emit) -> Any:
+    """The product with each operand in its layout; the result in the left operand's axis order
+    (heads split by a permute stay where they are: ``(q @ k.T).softmax(-1) @ v`` then
+    ``.transpose(1, 2).reshape(B, N, C)`` moves no data)."""
     left, right = _operands(node)[:2]
     rank = node.rank
     batch = "abcdefgh"[:rank - 2]
@@ -67,7 +70,8 @@ def _product_einsum(node: OpNode, ctx: Emit) -> Any:
         phys = node.in_layouts[node.inputs.index(ref.name)]
         subs.append("".join(sub[p] for p in phys.perm))
     x, y = (_tensor(node, ctx, r) for r in (left, right))
-    return keras.ops.einsum(f"{subs[0]},{subs[1]}->{batch}ik", x, y)
+    out = "".join((batch + "ik")[p] for p in node.layout.perm)
+    return keras.ops.einsum(f"{subs[0]},{subs[1]}->{out}", x, y)
 
 
 def _as_linear(node: OpNode, weight: Any = None, bias: Any = None) -> OpNode:
@@ -85,7 +89,7 @@ def _product_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
         for ref in (left, right):
             p = layouts[ref.name]
             full[node.inputs.index(ref.name)] = p if p.flat is None else full[node.inputs.index(ref.name)]
-        return full, Phys.identity(node.rank)
+        return full, Phys(full[node.inputs.index(left.name)].perm)  # the left operand's axis order
     if not _dense_form(node, layouts, by_name):
         return full, Phys.identity(node.rank)
     left = _operands(node)[0].name
@@ -107,8 +111,7 @@ def matmul(node: OpNode, ctx: Emit) -> Any:
         b = None if added is None else np.broadcast_to(np.asarray(_const(ctx, added), np.float32) * beta,
                                                        (w.shape[1],)).copy()
         t = _as_linear(node, w.T, b)
-        # not named like Keras' own auto-named ops ("matmul"), which do not avoid our names
-        t = replace(t, name=f"{node.name}_dense", in_layouts=(node.in_layouts[node.inputs.index(left.name)],))
+        t = replace(t, in_layouts=(node.in_layouts[node.inputs.index(left.name)],))
         return lookup(F.linear).fn(t, ctx)
     if _einsum_form(node, layouts, shapes):
         y = _product_einsum(node, ctx)
@@ -161,10 +164,23 @@ def _einsum_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     for p, s in zip(ins, shapes):
         keep = p is not None and p.flat is None and not ellipsis
         req.append(p if keep else Phys.identity(len(s)))
-    return req, Phys.identity(node.rank)
+    if ellipsis or not isinstance(operands[0], Ref):
+        return req, Phys.identity(node.rank)
+    return req, Phys(_output_order(equation, req[node.inputs.index(operands[0].name)]))
 
 
-@rule(torch.einsum, layout=_einsum_layout)
+def _output_order(equation: str, first: Phys) -> tuple[int, ...]:
+    """The output's axes in the first operand's physical order (then the rest in torch order),
+    when that keeps torch's axis 0 first: ``einsum("bhlk,bhtk->bhlt", q, k)`` of a q whose heads
+    were split by a permute stays in that order, so the permute back moves no data."""
+    subs, out = _subscripts(equation)
+    seen = [c for c in (subs[0][p] for p in first.perm) if c in out]
+    order = seen + [c for c in out if c not in seen]
+    perm = tuple(out.index(c) for c in order)
+    return perm if perm and perm[0] == 0 else tuple(range(len(out)))
+
+
+@rule(torch.einsum, torch.ops.aten.einsum.default, layout=_einsum_layout)
 def einsum(node: OpNode, ctx: Emit) -> Any:
     """keras.ops.einsum with each operand's subscripts in its physical axis order."""
     equation, operands = _einsum_parts(node)
@@ -179,4 +195,5 @@ def einsum(node: OpNode, ctx: Emit) -> Any:
         tensors.append(ctx.tensor_input(node, i))
         phys = node.in_layouts[i]
         physical.append(sub if "..." in sub else "".join(sub[p] for p in phys.perm))
+    out = out if "..." in out else "".join(out[p] for p in node.layout.perm)
     return keras.ops.einsum(f"{','.join(physical)}->{out}", *tensors)

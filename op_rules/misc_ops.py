@@ -5,16 +5,20 @@
   slicing: the slices keep the input's physical layout minus the unbound axis, so the
   ``permute(2, 0, 3, 1, 4)`` that usually comes before stays bookkeeping. ``aten.unbind.int``
   (torch.export capture) has the same arguments and takes the same rule.
+* ``addcmul``: ``input + value * tensor1 * tensor2``, as ResMLP's affine layer writes
+  ``torch.addcmul(beta, alpha, x)``; any operand may be a constant (a parameter).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import keras
+import numpy as np
 import torch
 
 from emitter.context import Emit
-from op_rules.registry import rule
+from op_rules.elementwise import _apply, _operand
+from op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys
 from tracer.layout import drop_dims
 
@@ -40,3 +44,21 @@ def unbind(node: OpNode, ctx: Emit) -> Any:
         raise NotImplementedError(f"unbind along torch dim {dim}, which is the Keras batch axis: the number of "
                                   "pieces would depend on the batch size")
     return tuple(keras.ops.unstack(x, num=x.shape[axis], axis=axis))
+
+
+def _combine(node: OpNode, ctx: Emit, kname: str, a: Any, b: Any) -> Any:
+    """``a <kname> b`` where either may be a Keras tensor, a numpy constant or a number."""
+    if isinstance(a, keras.KerasTensor) or isinstance(b, keras.KerasTensor):
+        return _apply(node, ctx, kname, a, b)
+    return getattr(np, kname)(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@rule(torch.addcmul, "addcmul", torch.ops.aten.addcmul.default, layout=Layout.ANY)
+def addcmul(node: OpNode, ctx: Emit) -> Any:
+    """``input + value * tensor1 * tensor2`` with broadcasting."""
+    base, t1, t2 = (_operand(node, ctx, node.kw[k]) for k in ("input", "tensor1", "tensor2"))
+    prod = _combine(node, ctx, "multiply", t1, t2)
+    value = node.kw.get("value", 1)
+    if value != 1:
+        prod = _combine(node, ctx, "multiply", prod, float(value))
+    return _combine(node, ctx, "add", base, prod)

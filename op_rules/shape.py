@@ -184,10 +184,10 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
         idx = node.args[1]
         return advanced_getitem(node, ctx, x, idx if isinstance(idx, tuple) else (idx,))
     torch_dims = [i for i in index if i is not None]
-    if isinstance(torch_dims[0], int):
+    per_axis = [torch_dims[d] for d in node.in_layouts[0].perm]
+    if isinstance(per_axis[0], int):  # Keras axis 0 (torch's after a permute: qkv[0] of (3, B, ...) is not)
         raise NotImplementedError(f"index {node.args[1]!r} takes one element of the batch axis, which removes "
                                   "it; a Keras model keeps axis 0 as its batch axis: slice it instead (x[0:1])")
-    per_axis = [torch_dims[d] for d in node.in_layouts[0].perm]
     spec = [[i, i + 1 if i != -1 else None, None] if isinstance(i, int) else [i.start, i.stop, i.step]
             for i in per_axis]
     y = L.StridedSlice(spec, name=ctx.name(node))(x) if any(s != [None, None, None] for s in spec) else x

@@ -3,8 +3,9 @@
 cumsum, triu/tril, ``*_like`` creation, dtype casts, and F.unfold / F.fold.
 
 Creation ops whose sizes come from ``x.shape`` (``torch.arange(x.shape[-1])``) are constants
-already at capture (tracer/capture.py). A constant made batch-sized at runtime (a class token
-``cls.expand(x.shape[0], -1, -1)``) is multiplied by ones of the model's batch size.
+already at capture (tracer/capture.py). A constant expanded to the sample's batch size (a class
+token ``cls.expand(x.shape[0], -1, -1)``) is multiplied by ones of the model's batch size at
+runtime; with a sample of batch 1, an expand to batch 1 is taken for that too.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from emitter import layers as L
 from emitter.context import Emit, to_numpy
 from op_rules.common import call_with_weights, ntuple, pad_spatial, param
 from op_rules.registry import Layout, rule
-from tracer.ir import OpNode, Phys, Ref
+from tracer.ir import OpNode, Phys, Ref, ordered
 
 _KERAS_DTYPE = {"float64": "float32", "int64": "int32"}
+aten = torch.ops.aten
 
 
 def _keep_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
@@ -53,6 +55,12 @@ def _batched_constant(node: OpNode, ctx: Emit, value: np.ndarray) -> Any:
     return keras.ops.multiply(batch_ones(ctx, value.ndim, ctx.name(node, "batch")), const)
 
 
+def _sample_batch(ctx: Emit) -> int:
+    """The batch size of the sample input (axis 0 of the first input)."""
+    first = next(n for n in ordered(ctx.graph) if n.kind == "placeholder")
+    return first.shape[0] if first.shape else 1
+
+
 # ---- expand / repeat / tile ----------------------------------------------------------------
 
 def _grow_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
@@ -78,15 +86,14 @@ def expand(node: OpNode, ctx: Emit) -> Any:
     if isinstance(x, np.ndarray):  # a constant (a token, a table): tiled here, batch at runtime
         value = to_numpy(src.value).reshape((1,) * (node.rank - src.rank) + tuple(src.shape))
         value = np.tile(value, [1] + reps[1:])
-        if reps[0] == 1:
-            return ctx.constant(value, ctx.name(node))
-        if value.shape[0] != 1:
-            raise NotImplementedError(f"repeating a constant of batch size {value.shape[0]} along the batch axis")
-        return _batched_constant(node, ctx, value)
-    if src.rank != node.rank:
-        x = keras.ops.reshape(x, (-1, *([1] * (node.rank - src.rank - 1)), *x.shape))
+        if value.shape[0] == 1 and node.shape[0] == _sample_batch(ctx):  # sized by x.shape[0]: the batch
+            return _batched_constant(node, ctx, value)
         if reps[0] != 1:
-            raise NotImplementedError("repeat that adds axes in front of the batch axis")
+            raise NotImplementedError(f"repeating a constant of batch size {value.shape[0]} along the batch axis")
+        return ctx.constant(value, ctx.name(node))
+    if src.rank != node.rank:
+        raise NotImplementedError(f"{node.target} of {src.shape} to {node.shape} adds axes in front of the batch "
+                                  "axis, which a Keras model keeps as axis 0")
     phys = node.layout
     physical = [reps[p] for p in phys.perm]
     return x if all(r == 1 for r in physical) else keras.ops.tile(x, physical)
@@ -104,10 +111,14 @@ def cast(node: OpNode, ctx: Emit) -> Any:
     return keras.ops.cast(x, _KERAS_DTYPE.get(node.dtype, node.dtype))
 
 
-@rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, layout=Layout.ANY)
+_FILLS = {torch.zeros_like: 0.0, torch.empty_like: 0.0, torch.ones_like: 1.0,
+          aten.zeros_like.default: 0.0, aten.empty_like.default: 0.0, aten.ones_like.default: 1.0}
+
+
+@rule(*_FILLS, torch.full_like, aten.full_like.default, layout=Layout.ANY)
 def like(node: OpNode, ctx: Emit) -> Any:
     x = ctx.input(node, 0)
-    fill = {torch.zeros_like: 0.0, torch.empty_like: 0.0, torch.ones_like: 1.0}.get(node.target)
+    fill = _FILLS.get(node.target)
     fill = float(node.kw["fill_value"]) if fill is None else fill
     dtype = _KERAS_DTYPE.get(node.dtype, node.dtype)
     zeros = keras.ops.zeros_like(keras.ops.cast(x, dtype) if dtype != x.dtype else x)
@@ -115,6 +126,19 @@ def like(node: OpNode, ctx: Emit) -> Any:
         return zeros
     const = ctx.constant(np.full((1,) * len(x.shape), fill, dtype=dtype), ctx.name(node, "fill"))
     return keras.ops.add(zeros, const)
+
+
+_FULL = {torch.zeros: 0.0, torch.ones: 1.0, torch.empty: 0.0, "new_zeros": 0.0, "new_ones": 1.0, "new_empty": 0.0}
+
+
+@rule(*_FULL, torch.full, "new_full", layout=Layout.TORCH)
+def batch_sized_full(node: OpNode, ctx: Emit) -> Any:
+    """``torch.zeros(x.shape[0], ...)`` and the like: constants whose axis 0 is the batch size
+    (capture keeps only those as operations)."""
+    fill = _FULL.get(node.target)
+    fill = float(node.kw.get("fill_value", node.args[-1] if node.args else 0.0)) if fill is None else fill
+    dtype = _KERAS_DTYPE.get(node.dtype, node.dtype)
+    return _batched_constant(node, ctx, np.full((1, *node.shape[1:]), fill, dtype=dtype))
 
 
 # ---- masking and selection -----------------------------------------------------------------
@@ -180,9 +204,9 @@ def cumsum(node: OpNode, ctx: Emit) -> Any:
     return y if node.dtype is None else keras.ops.cast(y, _KERAS_DTYPE.get(node.dtype, node.dtype))
 
 
-@rule(torch.triu, "triu", torch.tril, "tril", layout=Layout.TORCH)
+@rule(torch.triu, "triu", aten.triu.default, torch.tril, "tril", aten.tril.default, layout=Layout.TORCH)
 def triangle(node: OpNode, ctx: Emit) -> Any:
-    fn = keras.ops.triu if node.target in (torch.triu, "triu") else keras.ops.tril
+    fn = keras.ops.triu if node.target in (torch.triu, "triu", aten.triu.default) else keras.ops.tril
     return fn(ctx.input(node, 0), k=int(node.kw.get("diagonal", 0)))
 
 
@@ -245,7 +269,7 @@ def _advanced_dim(index: tuple, rank: int) -> int | None:
 
 
 def _index_tuple(node: OpNode) -> tuple:
-    if node.target is torch.ops.aten.index.Tensor:
+    if node.target is aten.index.Tensor:
         return tuple(slice(None) if i is None else i for i in node.kw["indices"])
     idx = node.args[1]
     return idx if isinstance(idx, tuple) else (idx,)
@@ -279,7 +303,7 @@ def advanced_getitem(node: OpNode, ctx: Emit, x: Any, index: tuple) -> Any:
     return take(node, ctx, x, idx, ctx.axis(node, dim))
 
 
-@rule(torch.ops.aten.index.Tensor, layout=advanced_layout)
+@rule(aten.index.Tensor, layout=advanced_layout)
 def aten_index(node: OpNode, ctx: Emit) -> Any:
     """``aten.index.Tensor(input, indices)``: ``None`` entries are full slices."""
     return advanced_getitem(node, ctx, ctx.input(node, 0), _index_tuple(node))
@@ -307,7 +331,7 @@ def _unfold_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     return [Phys.channels_last(len(shapes[0]))], Phys((0, 2, 1))
 
 
-@rule(nn.Unfold, F.unfold, layout=_unfold_layout)
+@rule(nn.Unfold, F.unfold, aten.im2col.default, layout=_unfold_layout)
 def unfold(node: OpNode, ctx: Emit) -> Any:
     """A convolution with a one-hot kernel copies each patch into the channels (exactly): NHWC
     (B, oh, ow, C*kh*kw) reshaped to (B, L, C*kh*kw) is torch's (B, C*kh*kw, L) channels-last."""
@@ -325,7 +349,7 @@ def _fold_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     return [Phys((0, 2, 1))], Phys.channels_last(node.rank)
 
 
-@rule(nn.Fold, F.fold, layout=_fold_layout)
+@rule(nn.Fold, F.fold, aten.col2im.default, layout=_fold_layout)
 def fold(node: OpNode, ctx: Emit) -> Any:
     """The transposed convolution of the same one-hot kernel sums the patches back, then the
     padding is cropped."""

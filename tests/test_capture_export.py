@@ -202,13 +202,13 @@ def test_inplace_ops_are_functionalized_and_unsupported_ops_decomposed():
         def forward(self, x):
             y = self.act(torch.addmm(self.b, x, self.w))
             y += 1
-            z = y @ self.w2  # aten.matmul: no rule here, decomposes to mm with a constant matrix
+            z = y @ self.w2  # aten.matmul with a constant matrix: a Dense layer (op_rules/matmul.py)
             return torch.addcmul(z, z, z, value=0.5)  # no rule, decomposes to mul and add
 
     result = assert_converts_export(Mixed(), torch.randn(2, 5))
     facts = result.facts()
-    assert facts["capture"]["decomposed"] == ["aten.addcmul.default", "aten.matmul.default"]
-    assert facts["ops_by_rule"]["matrix_product"] == 2  # addmm and mm became Dense layers
+    assert facts["capture"]["decomposed"] == ["aten.addcmul.default"]
+    assert facts["ops_by_rule"]["matrix_product"] == 1 and facts["ops_by_rule"]["aten_as_matmul"] == 1  # Dense
     assert not any(n.target._schema.is_mutable for n in ordered(result.graph)
                    if isinstance(n.target, torch._ops.OpOverload))
     assert sum(type(layer).__name__ == "Dense" for layer in result.keras_model.layers) == 2

@@ -132,6 +132,15 @@ def test_noop_that_changes_dtype_is_kept():
     assert [n.dtype for n in muls] == ["float32"]
 
 
+def test_floor_division_by_one_is_kept():
+    class Floor(nn.Module):
+        def forward(self, x):
+            return torch.div(x, 1, rounding_mode="floor") + torch.div(x, 1)
+
+    graph = remove_identities(capture(Floor().eval(), (torch.randn(1, 4),), has_module_rule))
+    assert [n.name for n in ordered(graph) if n.kind.startswith("call")] == ["div", "add"]
+
+
 def test_shape_arithmetic_is_folded_at_capture():
     class Shapes(nn.Module):
         def __init__(self):
@@ -174,3 +183,10 @@ def test_activation_not_fused_when_conv_output_has_other_users_or_is_approximate
     result = assert_converts(TwoUsers().eval(), torch.randn(1, 3, 8, 8))
     layers = [layer for layer in result.keras_model.layers if type(layer).__name__ in ("Conv2D", "Dense")]
     assert [layer.get_config()["activation"] for layer in layers] == ["linear", "linear"]
+
+
+def test_deep_chain_builds():
+    """Keras builds the functional node map recursively (fixes/deep_graphs.py): 600 chained ops."""
+    model = nn.Sequential(*[nn.Tanh() if k % 2 else nn.ReLU() for k in range(600)]).eval()
+    result = assert_converts(model, torch.randn(2, 5), n_random=1)
+    assert len(_call_nodes(result)) == 600

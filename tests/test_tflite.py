@@ -354,34 +354,38 @@ def test_cli_random_calibration_warns_in_one_line(tmp_path, capsys):
 
 # --- the model examples: fp32 parity in the default run, all four kinds in the slow one -------------
 
-# key -> (example file, factory, input shapes of the fp32 check in the default run, input shapes of
-# the all-kinds check in the slow run). BatchNorm statistics are randomized so BN bugs cannot hide.
+# key -> (example file, factory, its keyword arguments, input shapes of the fp32 check in the default
+# run, input shapes of the all-kinds check in the slow run). BatchNorm statistics are randomized so
+# BN bugs cannot hide. The transformers run in the reduced sizes of tests/test_transformer_examples.py.
 EXAMPLE_MODELS = {
-    "custom_layer": ("custom_layer", "build", [(1, 3, 16, 16)], [(1, 3, 16, 16)]),
-    "repvit_kws": ("repvit_kws", "build", [(1, 100, 40)], [(1, 100, 40)]),
-    "repvgg_a0": ("repvgg", "build_a0", [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
-    "repvgg_a0_deploy": ("repvgg", "build_a0_deploy", [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
-    "repvgg_b1g4": ("repvgg", "build_b1g4", [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
-    "fbnet_a": ("fbnet_a", "build", [(1, 3, 64, 64)], [(1, 3, 224, 224)]),
-    "ebm_energy": ("ebm_cubes", "build_energy", [(1, 3, 64, 64), (1, 6)], [(1, 3, 64, 64), (1, 6)]),
-    "ebm_generator": ("ebm_cubes", "build_generator", [(1, 128), (1, 6)], [(1, 128), (1, 6)]),
+    "custom_layer": ("custom_layer", "build", {}, [(1, 3, 16, 16)], [(1, 3, 16, 16)]),
+    "repvit_kws": ("repvit_kws", "build", {}, [(1, 100, 40)], [(1, 100, 40)]),
+    "repvgg_a0": ("repvgg", "build_a0", {}, [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
+    "repvgg_a0_deploy": ("repvgg", "build_a0_deploy", {}, [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
+    "repvgg_b1g4": ("repvgg", "build_b1g4", {}, [(1, 3, 32, 32)], [(1, 3, 32, 32)]),
+    "fbnet_a": ("fbnet_a", "build", {}, [(1, 3, 64, 64)], [(1, 3, 224, 224)]),
+    "ebm_energy": ("ebm_cubes", "build_energy", {}, [(1, 3, 64, 64), (1, 6)], [(1, 3, 64, 64), (1, 6)]),
+    "ebm_generator": ("ebm_cubes", "build_generator", {}, [(1, 128), (1, 6)], [(1, 128), (1, 6)]),
+    "vit_tiny": ("vit_tiny", "build", {"img_size": 64, "depth": 2, "num_classes": 10},
+                 [(1, 3, 64, 64)], [(1, 3, 64, 64)]),
+    "cvt13": ("cvt13", "build", {"depths": (1, 1, 2), "num_classes": 10}, [(1, 3, 64, 64)], [(1, 3, 64, 64)]),
 }
 
 
 def _example_model(key: str) -> nn.Module:
-    file, factory = EXAMPLE_MODELS[key][:2]
+    file, factory, kwargs = EXAMPLE_MODELS[key][:3]
     module = _load_example(file)
     if not hasattr(module, factory):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         pytest.fail(f"examples/{file}.py has no {factory}; update EXAMPLE_MODELS (it has {found})")
-    return randomize_bn(getattr(module, factory)()).eval()
+    return randomize_bn(getattr(module, factory)(**kwargs)).eval()
 
 
 @pytest.mark.parametrize("key", sorted(EXAMPLE_MODELS))
 def test_example_fp32_tflite_parity(key):
     torch.manual_seed(0)
     model = _example_model(key)
-    tflite_parity(model, *(torch.randn(*s) for s in EXAMPLE_MODELS[key][2]))
+    tflite_parity(model, *(torch.randn(*s) for s in EXAMPLE_MODELS[key][3]))
 
 
 @pytest.mark.slow
@@ -391,7 +395,7 @@ def test_example_all_kinds(key):
     with -s). No data ships with these models: int8 calibrates on random inputs, by the explicit flag."""
     torch.manual_seed(0)
     model = _example_model(key)
-    inputs = [torch.randn(*s) for s in EXAMPLE_MODELS[key][3]]
+    inputs = [torch.randn(*s) for s in EXAMPLE_MODELS[key][4]]
     with pytest.warns(UserWarning, match="accuracy is meaningless"):
         result = tflite_parity(model, *inputs, kinds=KINDS, random_calibration=True)
     assert set(result.tflite_reports) == set(KINDS)

@@ -9,6 +9,7 @@ into the same IR (tracer/capture_export.py).
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import re
 from typing import Any, Callable
@@ -55,24 +56,54 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.results: dict[str, Any] = {}
         self.dynamic: set[str] = set()
+        self.batch: int | None = None  # axis 0 of the first input
+        self.batch_sized: set[str] = set()  # size values equal to a computed tensor's batch size
+        self.batch_shapes: set[str] = set()  # shapes whose first entry is one
 
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)
         except Exception as exc:
             raise CaptureError(f"PyTorch failed to run {n.format_node()} at {source_of(n)}: {exc}") from exc
-        if n.op == "placeholder" or any(a.name in self.dynamic for a in self._value_inputs(n)):
+        if n.op == "placeholder" and self.batch is None:
+            self.batch = result.shape[0] if isinstance(result, torch.Tensor) and result.dim() else 0
+        if n.op == "placeholder" or any(a.name in self.dynamic for a in self._value_inputs(n, result)):
             self.dynamic.add(n.name)
         self.results[n.name] = result
         return result
 
-    def _value_inputs(self, n: fx.Node) -> list[fx.Node]:
+    def _value_inputs(self, n: fx.Node, result: Any) -> list[fx.Node]:
         """The inputs whose values flow into ``n``'s result. A creation op (``torch.arange(x.shape[-1])``,
-        ``x.new_zeros(4)``) reads only sizes, dtype and device, so it is a constant of those sizes."""
+        ``x.new_zeros(4)``) reads only sizes, dtype and device, so it is a constant of those sizes,
+        unless its axis 0 has the batch size (``torch.zeros(x.shape[0], 4)``): that follows the input."""
+        self._track_batch_sizes(n)
         if (n.op == "call_function" and n.target in _CREATION) or (n.op == "call_method" and n.target in _NEW):
+            if (isinstance(result, torch.Tensor) and result.dim() and result.shape[0] == self.batch
+                    and any(a.name in self.batch_sized or a.name in self.batch_shapes for a in n.all_input_nodes)):
+                return n.all_input_nodes
             return [a for a in n.all_input_nodes if isinstance(self.results.get(a.name), torch.Tensor)
                     and not (n.op == "call_method" and n.args and a is n.args[0])]
         return n.all_input_nodes
+
+    def _track_batch_sizes(self, n: fx.Node) -> None:
+        """Mark sizes that are the batch size of a computed tensor: ``x.size(0)``, ``x.shape[0]``,
+        arithmetic on them; ``x.shape`` / ``x.size()`` as shapes that start with it."""
+        ins = n.all_input_nodes
+        dyn = bool(ins) and ins[0].name in self.dynamic
+        if (n.op == "call_function" and n.target is getattr and n.args[1:] == ("shape",) and dyn) or (
+                n.op == "call_method" and n.target == "size" and len(n.args) == 1 and dyn):
+            self.batch_shapes.add(n.name)
+        elif n.op == "call_method" and n.target == "size" and dyn and n.args[1:] in ((0,), (-len(
+                self.results[ins[0].name].shape),)):
+            self.batch_sized.add(n.name)
+        elif n.op == "call_function" and n.target is operator.getitem and ins and ins[0].name in self.batch_shapes:
+            if n.args[1] == 0:
+                self.batch_sized.add(n.name)
+            elif isinstance(n.args[1], slice) and n.args[1].start in (None, 0):
+                self.batch_shapes.add(n.name)
+        elif n.op == "call_function" and getattr(n.target, "__module__", "") in ("_operator", "operator") and any(
+                a.name in self.batch_sized for a in ins):
+            self.batch_sized.add(n.name)
 
 
 def source_of(n: fx.Node) -> Source:

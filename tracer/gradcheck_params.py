@@ -144,9 +144,16 @@ def _layers(keras_model: Any) -> Iterator[Any]:
 
 def restore_torch_weights(model: torch.nn.Module, fresh_keras: Any, saved_keras: Any) -> tuple[list[str], list[str]]:
     """Put the weights of ``saved_keras`` into ``model``, through the map between ``model`` and its fresh
-    conversion ``fresh_keras`` (same layers and variable paths). Returns (restored, not restored) names."""
+    conversion ``fresh_keras``. Returns (restored, not restored) names.
+
+    Both Keras models come from the same conversion, so their weights pair up in order; names may
+    not (a second conversion in one process gets ``bn_2`` where the saved file has ``bn``)."""
     maps, _ = map_parameters(model, fresh_keras)
-    saved = {v.path: keras.ops.convert_to_numpy(v.value) for v in saved_keras.weights}
+    fresh, stored = list(fresh_keras.weights), list(saved_keras.weights)
+    if len(fresh) == len(stored) and all(tuple(a.shape) == tuple(b.shape) for a, b in zip(fresh, stored)):
+        saved = {a.path: keras.ops.convert_to_numpy(b.value) for a, b in zip(fresh, stored)}
+    else:  # not the same architecture: only what has the same path
+        saved = {v.path: keras.ops.convert_to_numpy(v.value) for v in stored}
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     done: set[str] = set()
     with torch.no_grad():

@@ -104,7 +104,8 @@ def _passes_through(graph: nx.DiGraph, node: OpNode) -> bool:
     except TypeError:  # unhashable target
         return False
     other = node.args[1]
-    return (neutral is not None and node.kw.get("alpha", 1) == 1 and not isinstance(other, bool)
+    return (neutral is not None and node.kw.get("alpha", 1) == 1 and node.kw.get("rounding_mode") is None
+            and not isinstance(other, bool)
             and isinstance(other, (int, float)) and other == neutral and node.args[0].name == src.name)
 
 

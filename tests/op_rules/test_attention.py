@@ -127,7 +127,8 @@ def test_multihead_self_attention(kw, batch_first):
     # a mask fixes the sequence length, and with seq_first inputs the batch size too: the
     # Keras batch axis is axis 0, so the trial with another batch size would not run in torch
     fixed = kw.get("attn_mask") is not None and (not batch_first or kw["attn_mask"].dim() == 3)
-    converts(Mha(batch_first, **kw), *mha_inputs(batch_first), n_random=0 if fixed else 2)
+    result = converts(Mha(batch_first, **kw), *mha_inputs(batch_first), n_random=0 if fixed else 2)
+    assert result.transpose_count == 0  # heads are split by reshapes, the einsums do the rest
 
 
 @pytest.mark.parametrize("kw", [
@@ -227,3 +228,52 @@ def test_transformer_encoder_stack(mask):
     stack = nn.TransformerEncoder(encoder_layer(True, norm_first=True), 2, norm=nn.LayerNorm(E),
                                   enable_nested_tensor=False)
     converts(Encoder(stack, mask), rand(B, L, E))
+
+
+class Decoder(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerDecoderLayer(E, HEADS, 16, batch_first=batch_first, norm_first=not batch_first)
+        self.register_buffer("causal", CAUSAL)
+
+    def forward(self, x, memory):
+        return self.layer(x, memory, tgt_mask=self.causal)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_transformer_decoder_layer_traces_through(batch_first):
+    """fx traces TransformerDecoderLayer; its two MultiheadAttention calls stay leaves."""
+    result = converts(Decoder(batch_first), *mha_inputs(batch_first, lk=S), n_random=2 if batch_first else 0)
+    assert result.facts()["ops_by_rule"]["multihead_attention"] == 2
+    assert result.transpose_count == 0, result.transposes
+
+
+# ---- timm-style attention: fused qkv, heads by reshape/permute, q, k, v = qkv[0], qkv[1], qkv[2] --
+
+class FusedQkvAttention(nn.Module):
+    def __init__(self, sdpa: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.proj, self.sdpa = nn.Linear(E, 3 * E), nn.Linear(E, E), sdpa
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # int index on torch axis 0, which is not the batch axis
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = ((q * (c // HEADS) ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_fused_qkv_attention(sdpa, capture):
+    model = FusedQkvAttention(sdpa).eval()
+    result = convert_model(model, rand(B, L, E), capture=capture, n_random=2, raise_on_mismatch=False)
+    assert result.report.ok, result.report.summary()
+    # the head split (permute) and merge (transpose + reshape) move no data: q, k, v and the
+    # attention output stay in the (B, N, heads, d) order the qkv Linear made
+    assert result.transpose_count == 0, result.transposes

@@ -66,6 +66,9 @@ PRODUCTS = [
     case(lambda m, a, b: torch.addmm(b, a, m.w), (B, D), (B, 4), id="addmm_dynamic_added"),
     case(lambda m, a: a @ a.transpose(-2, -1), (B, L, D), id="gram"),
     case(lambda m, a: a @ a, (B, L, L), id="square"),
+    case(lambda m, x: m.conv(x) @ m.conv(x).transpose(-1, -2), (B, 3, 4, 5), id="nhwc_maps"),
+    case(lambda m, x: (m.conv(x) @ m.conv(x).transpose(-1, -2)).softmax(-1) @ m.conv(x), (B, 3, 4, 5),
+         id="nhwc_maps_chained"),
     case(lambda m, a: a @ m.w, (B, L, D), id="weight_right_dense"),
     case(lambda m, a: a @ m.w, (B, 2, L, D), id="weight_right_4d"),
     case(lambda m, a: torch.matmul(a, m.v), (B, L, D), id="vector_right"),
@@ -133,7 +136,9 @@ def test_einsum_reads_nhwc_map_in_place(channels_last_io):
 @pytest.mark.parametrize("fn, shapes, rule", [
     pytest.param(lambda m, a, b: a @ b.transpose(1, 2), ((B, L, D), (B, L, D)), "aten_as_matmul", id="matmul"),
     pytest.param(lambda m, a, b: torch.bmm(a, b), ((B, L, D), (B, D, 3)), "matrix_product", id="bmm"),
-    pytest.param(lambda m, a, b: torch.einsum("bij,bkj->bik", a, b), ((B, L, D), (B, 3, D)), None, id="einsum"),
+    pytest.param(lambda m, a, b: torch.einsum("bij,bkj->bik", a, b), ((B, L, D), (B, 3, D)), "einsum", id="einsum"),
+    pytest.param(lambda m, a, b: torch.einsum("bhid,bhjd->bhij", a, b), ((B, 2, L, D), (B, 2, 3, D)), "einsum",
+                 id="einsum_heads"),
 ])
 def test_products_through_torch_export(fn, shapes, rule):
     model = (Fn if len(shapes) == 1 else Fn2)(fn).eval()

@@ -71,3 +71,42 @@ class UnbindBatch(nn.Module):
 def test_unbind_of_the_batch_axis_is_refused_with_a_reason():
     with pytest.raises(ConversionError, match="batch axis"):
         convert_model(UnbindBatch(), torch.randn(2, 3))
+
+
+class Affine(nn.Module):
+    """ResMLP's affine layer: ``torch.addcmul(beta, alpha, x)`` with per-channel parameters."""
+
+    def __init__(self, shape: tuple, conv: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1) if conv else None
+        self.alpha = nn.Parameter(torch.randn(shape))
+        self.beta = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x) if self.conv is not None else x
+        return torch.addcmul(self.beta, self.alpha, x)
+
+
+@pytest.mark.parametrize("shape, conv, x_shape", [((8,), False, (2, 5, 8)), ((1, 4, 1, 1), True, (2, 3, 6, 5))])
+def test_addcmul_with_parameters(shape, conv, x_shape):
+    x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(4))
+    result = assert_converts(Affine(shape, conv), x)
+    assert result.facts()["ops_by_rule"]["addcmul"] == 1
+
+
+class AddcmulTensors(nn.Module):
+    def __init__(self, value: float, method: bool):
+        super().__init__()
+        self.value, self.method = value, method
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t1, t2 = torch.tanh(x), torch.sigmoid(y)
+        return x.addcmul(t1, t2, value=self.value) if self.method else torch.addcmul(y, t1, t2, value=self.value)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.5])
+@pytest.mark.parametrize("method", [True, False])
+def test_addcmul_of_tensors_with_a_value(value, method):
+    g = torch.Generator().manual_seed(5)
+    assert_converts(AddcmulTensors(value, method), torch.randn(2, 4, 3, generator=g), torch.randn(2, 1, 3, generator=g))

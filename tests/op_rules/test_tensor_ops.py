@@ -125,9 +125,55 @@ def test_tensor_ops_on_image_maps(fn, channels_last_io):
         assert result.transpose_count == 0, result.transposes
 
 
+class RelativePositionBias(nn.Module):
+    """Swin's bias: a learned table indexed by a constant index buffer, added to the scores."""
+
+    def __init__(self, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Parameter(torch.randn(2 * N - 1, heads))
+        coords = torch.arange(N)
+        self.register_buffer("index", coords[:, None] - coords[None, :] + N - 1)
+        self.heads = heads
+
+    def forward(self, q):  # q (B, heads, N, d)
+        bias = self.table[self.index.view(-1)].view(N, N, self.heads).permute(2, 0, 1).contiguous()
+        return (q @ q.transpose(-2, -1) + bias.unsqueeze(0)).softmax(-1)
+
+
+def test_relative_position_bias_table():
+    assert_converts(RelativePositionBias(), rand(B, 2, N, C))
+
+
+@pytest.mark.parametrize("channels_last_io", [False, True], ids=["nchw_io", "nhwc_io"])
+def test_linear_and_softmax_on_channels_of_maps(channels_last_io):
+    """Linear on (B, H, W, C) and softmax over channels run on the NHWC tensor as it is."""
+    result = converts(lambda m, y: m.mods[0](y.permute(0, 2, 3, 1)).softmax(-1).permute(0, 3, 1, 2) + y.softmax(1),
+                      rand(B, 3, H, W), nn.Linear(C, C), conv=True, channels_last_io=channels_last_io)
+    assert result.transpose_count == (0 if channels_last_io else 2), result.transposes
+
+
 class Masking(nn.Module):
     def forward(self, x, mask):
         return x.masked_fill(mask, -2.0) + torch.where(mask, x, x * 2) + mask.float()
+
+
+def test_class_token_traced_with_batch_one():
+    """Traced with batch 1, ``cls.expand(x.shape[0], -1, -1)`` still follows the runtime batch."""
+    converts(lambda m, x: torch.cat([m.cls.expand(x.shape[0], -1, -1), x], 1) + m.pos, rand(1, N, C))
+
+
+@pytest.mark.parametrize("batch", [1, B])
+@pytest.mark.parametrize("fn", [
+    case(lambda m, x: torch.cat([torch.zeros((x.shape[0], 1, C)), x], 1), id="zeros_batch"),
+    case(lambda m, x: x * x.new_ones(x.size(0), N, 1) + torch.full((x.shape[0], 1, C), 0.5), id="new_ones_full"),
+    case(lambda m, x: x + torch.ones((x.shape[0] * 1, N, C), dtype=torch.float32), id="size_arithmetic"),
+    case(lambda m, x: x + torch.zeros(x.shape[:2]).unsqueeze(-1), id="shape_slice"),
+])
+def test_creation_sized_by_the_batch_follows_it(fn, batch):
+    """Traced at one batch size, run at another: the created tensor takes the runtime batch.
+    (Sizes as one tuple: torch.fx cannot trace ``torch.zeros(b, 1, C)`` with a traced ``b``.)"""
+    converts(fn, rand(batch, N, C))
 
 
 def test_masking_with_an_input_mask():
@@ -202,6 +248,9 @@ EXPORTED = [
     case(lambda m, x: torch.roll(x, 2, 1).flip(2).cumsum(1), id="roll_flip_cumsum"),
     case(lambda m, x: x.repeat(1, 2, 1) + x[:, :1].expand(-1, 2 * N, -1), id="repeat_expand"),
     case(lambda m, x: x[:, m.perm], id="index_tensor"),
+    case(lambda m, x: x.tril(-1) + torch.triu(x, 1) + torch.zeros_like(x) + torch.full_like(x, 0.5), id="tril_like"),
+    case(lambda m, x: F.fold(F.unfold(x.unsqueeze(1), (2, 3), padding=1), (N, C), (2, 3), padding=1)[:, 0],
+         id="unfold_fold"),
 ]
 
 
