@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -167,10 +168,11 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[0] if lines else text
+    first = re.sub(r" at \S+:\d+\s+\(.*?\) with rule", " with rule", first)  # keep the node, drop the source
     cause = e.__cause__
     if cause is not None and str(cause).strip():
         first += f" <- {type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
-    return first[:300]
+    return first[:500]
 
 
 def run_child(entry: tuple, timeout: float) -> Row:

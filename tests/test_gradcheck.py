@@ -14,10 +14,7 @@ from op_rules.common import call_with_weights
 from tests.helpers import randomize_bn
 from tests.test_verify import broken
 from tracer import convert_model
-from tracer.cli import load_model
 from tracer.gradcheck import check_gradients, map_parameters
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 class ConvBN(nn.Sequential):
@@ -128,16 +125,7 @@ def test_gradient_parity_on_reparameterizable_cnns(make, shape):
     assert all("unbiased batch variance" in k and "n/(n-1)" in k for k in report.known_differences)
 
 
-@pytest.mark.parametrize("target, shape", [("repvit_kws.py:build", (2, 100, 40)), ("repvgg.py:build_a0", (2, 3, 32, 32))],
-                         ids=["repvit_kws", "repvgg_a0"])
-def test_gradient_parity_on_examples(target, shape):
-    path = EXAMPLES / target.partition(":")[0]
-    if not path.exists():
-        pytest.skip(f"{path} is not in the tree")
-    model, result = _converted(load_model(f"{path}:{target.partition(':')[2]}", None), *shape)
-    report = check_gradients(model, result, [np.zeros(shape, np.float32)], batch=2)
-    assert report.ok, report.summary()
-    assert sorted(d.name for d in report.params) == sorted(k for k, p in model.named_parameters() if p.requires_grad)
+# gradient parity of the RepViT KWS and RepVGG-A0 examples: tests/test_examples_cnn.py
 
 
 def test_known_difference_names_the_exact_factor():
