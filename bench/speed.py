@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-THREADS = 2
+THREADS = int(os.environ.get("TRACER_BENCH_THREADS", "2"))  # intra-op threads, PyTorch, TF and LiteRT
 MODELS = {
     # name: (module path, factory, input shape)
     "repvit_kws": ("examples/repvit_kws.py", "build", (1, 100, 40)),
@@ -240,9 +240,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--memory", action="store_true", help="measure conversion memory of a >100M model")
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads for every runtime (default 2)")
     ap.add_argument("--scaling", action="store_true", help="conversion time against node count (deep stacks)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["TRACER_BENCH_THREADS"] = str(args.threads)  # read by the measuring subprocesses
     if args.child:
         special = {"__memory__": measure_memory, "__scaling__": measure_scaling}
         print(json.dumps(special[args.child]() if args.child in special else measure(args.child)))

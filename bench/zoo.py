@@ -103,7 +103,7 @@ class Row:
     missing_ops: list[str] = field(default_factory=list)
 
 
-def convert_one(name: str, family: str, side: int, kwargs: dict) -> Row:
+def convert_one(name: str, family: str, side: int, kwargs: dict, batch: int = 1) -> Row:
     """Build ``name`` with random weights and convert it (runs inside the child process)."""
     import timm
     import torch
@@ -116,7 +116,7 @@ def convert_one(name: str, family: str, side: int, kwargs: dict) -> Row:
         torch.manual_seed(0)
         model = perturb(timm.create_model(name, pretrained=False, **kwargs)).eval()
         row.params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-        x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             model(x)
     except Exception as e:  # the model itself, not the converter: reported as a setup failure
@@ -175,10 +175,10 @@ def _first_line(e: BaseException) -> str:
     return first[:500]
 
 
-def run_child(entry: tuple, timeout: float) -> Row:
+def run_child(entry: tuple, timeout: float, batch: int = 1) -> Row:
     """Convert one model in a subprocess; a timeout or a crash becomes that model's row."""
     name, family, side, kwargs = entry
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([name, family, side, kwargs])]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([name, family, side, kwargs, batch])]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated timm names (default: the whole zoo); names not in the "
                                      "zoo list are built with timm defaults at 224x224")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per model (default 600)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size of the sample input (default 1; the random "
+                                                             "inputs of the parity check include another)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="print the table of saved --json runs (merged, "
                                                                  "the last file wins for a model) instead of running")
@@ -248,12 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         _print_results(_load_rows(args.report))
         return 0
     if args.child:
-        name, family, side, kwargs = json.loads(args.child)
-        print(RESULT_TAG + json.dumps(asdict(convert_one(name, family, side, kwargs))), flush=True)
+        print(RESULT_TAG + json.dumps(asdict(convert_one(*json.loads(args.child)))), flush=True)
         return 0
     rows = []
     for entry in select(args.models):
-        row = run_child(entry, args.timeout)
+        row = run_child(entry, args.timeout, args.batch)
         rows.append(row)
         print(f"[zoo] {row.model}: {row.status} {_fmt(row.seconds, '.1f')} s {row.reason}"[:200], flush=True)
         if args.json:

@@ -7,6 +7,7 @@
   (torch.export capture) has the same arguments and takes the same rule.
 * ``addcmul``: ``input + value * tensor1 * tensor2``, as ResMLP's affine layer writes
   ``torch.addcmul(beta, alpha, x)``; any operand may be a constant (a parameter).
+* ``F.normalize``: ``x / max(||x||_p, eps)`` along one axis (XCiT's cross-covariance attention).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from emitter.context import Emit
 from op_rules.elementwise import _apply, _operand
@@ -62,3 +64,18 @@ def addcmul(node: OpNode, ctx: Emit) -> Any:
     if value != 1:
         prod = _combine(node, ctx, "multiply", prod, float(value))
     return _combine(node, ctx, "add", base, prod)
+
+
+@rule(F.normalize, layout=Layout.ANY)
+def normalize(node: OpNode, ctx: Emit) -> Any:
+    """``x / max(||x||_p, eps)`` along ``dim``, the norm kept as a unit axis for broadcasting."""
+    x = ctx.input(node, 0)
+    p, eps = float(node.kw.get("p", 2.0)), float(node.kw.get("eps", 1e-12))
+    axis = ctx.axis(node, node.kw.get("dim", 1))
+    if p == 2.0:
+        norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(x), axis=axis, keepdims=True))
+    elif p == 1.0:
+        norm = keras.ops.sum(keras.ops.abs(x), axis=axis, keepdims=True)
+    else:
+        raise NotImplementedError(f"F.normalize with p={p}: only p=1 and p=2 are converted")
+    return keras.ops.divide(x, keras.ops.maximum(norm, eps))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.helpers import assert_converts
 from tracer import convert_model
@@ -110,3 +111,28 @@ class AddcmulTensors(nn.Module):
 def test_addcmul_of_tensors_with_a_value(value, method):
     g = torch.Generator().manual_seed(5)
     assert_converts(AddcmulTensors(value, method), torch.randn(2, 4, 3, generator=g), torch.randn(2, 1, 3, generator=g))
+
+
+class Normalize(nn.Module):
+    def __init__(self, p: float, dim: int, conv: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1) if conv else None
+        self.p, self.dim = p, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x) if self.conv is not None else x
+        return F.normalize(x, p=self.p, dim=self.dim)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("dim, conv, shape", [(1, True, (2, 3, 5, 4)), (-1, True, (2, 3, 5, 4)), (-1, False, (2, 6, 8)),
+                                              (1, False, (2, 6, 8))])
+def test_normalize(p, dim, conv, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    assert_converts(Normalize(p, dim, conv), x)
+
+
+def test_normalize_of_zeros_keeps_eps():
+    x = torch.zeros(2, 6, 8)
+    assert_converts(Normalize(2.0, -1, False), x)
