@@ -203,11 +203,11 @@ def test_inplace_ops_are_functionalized_and_unsupported_ops_decomposed():
             y = self.act(torch.addmm(self.b, x, self.w))
             y += 1
             z = y @ self.w2  # aten.matmul with a constant matrix: a Dense layer (op_rules/matmul.py)
-            return torch.addcmul(z, z, z, value=0.5)  # no rule, decomposes to mul and add
+            return torch.addcdiv(z, z, z * z + 1, value=0.5)  # no rule, decomposes to div, mul and add
 
     result = assert_converts_export(Mixed(), torch.randn(2, 5))
     facts = result.facts()
-    assert facts["capture"]["decomposed"] == ["aten.addcmul.default"]
+    assert facts["capture"]["decomposed"] == ["aten.addcdiv.default"]
     assert facts["ops_by_rule"]["matrix_product"] == 1 and facts["ops_by_rule"]["aten_as_matmul"] == 1  # Dense
     assert not any(n.target._schema.is_mutable for n in ordered(result.graph)
                    if isinstance(n.target, torch._ops.OpOverload))
