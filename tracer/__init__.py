@@ -26,6 +26,9 @@ def _import_quietly() -> None:
     try:
         _os.dup2(devnull, 2)
         import emitter.layers  # noqa: F401  (registers our Keras layers for load_model)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # probes CUDA now, so its "cuInit failed" line stays silent
     finally:
         _os.dup2(saved, 2)
         _os.close(devnull)
