@@ -36,8 +36,8 @@ def test_vit_tiny_two_blocks_at_64x64():
     assert facts["capture"]["method"] == "fx"
     extra = facts["keras_params"] - sum(p.numel() for p in model.parameters())
     assert extra == 2  # every weight once, plus one scalar constant per block (``* self.scale``)
-    # the NCHW image, and per block (attn @ v).transpose(1, 2).reshape(b, n, c): heads are not in order
-    assert result.transpose_count == 1 + 2
+    # only the NCHW image: the head split/merge permutes stay bookkeeping
+    assert result.transpose_count <= 1, result.transposes
 
 
 def test_swin_stages_with_shifted_windows_at_56x56():
@@ -45,9 +45,8 @@ def test_swin_stages_with_shifted_windows_at_56x56():
     blocks = [m for m in model.modules() if isinstance(m, swin.SwinBlock)]
     assert [b.shift for b in blocks] == [0, 3, 0, 0] and blocks[1].attn_mask.shape == (4, 49, 49)
     result = assert_converts(model, swin.sample_input(2, 56))
-    # the image, the head merge of each block (4), and window_partition/reverse where a stage has more
-    # than one window (2 per block of stage 1); at 224x224 stage 2 has 4 windows too: 1 + 4 + 8
-    assert result.transpose_count == 1 + 4 + 4
+    # the image and window_partition/reverse where a stage has more than one window (2 per block of stage 1)
+    assert result.transpose_count <= 1 + 4, result.transposes
 
 
 def test_cvt_stages_with_conv_projections_and_class_token():
@@ -55,8 +54,8 @@ def test_cvt_stages_with_conv_projections_and_class_token():
     result = assert_converts(model, cvt.sample_input(2, 64))
     facts = result.facts()
     assert facts["ops_by_rule"]["batch_norm"] == 3 * (1 + 1 + 2)  # q, k, v of every block
-    # the image, and the head merge of each block with more than one head (stage 1 has one head)
-    assert result.transpose_count == 1 + 1 + 2
+    # only the NCHW image
+    assert result.transpose_count <= 1, result.transposes
 
 
 def test_cvt13_has_about_20m_parameters():
@@ -67,7 +66,8 @@ def test_cvt13_has_about_20m_parameters():
     assert [s.cls_token is not None for s in model.stages] == [False, False, True]
 
 
-FULL_SIZE_TRANSPOSES = {"vit_tiny": 1 + 12, "swin_block": 1 + 4 + 8, "cvt13": 1 + 2 + 10}
+FULL_SIZE_TRANSPOSES = {  # ceilings: the layout pass may remove more
+    "vit_tiny": 1, "swin_block": 1 + 8, "cvt13": 1}
 
 
 @pytest.mark.slow
@@ -76,4 +76,4 @@ def test_full_size_at_224x224(name):
     module = {"vit_tiny": vit, "swin_block": swin, "cvt13": cvt}[name]
     model = randomize_bn(module.build(), seed=1)
     result = assert_converts(model, module.sample_input(2, 224), n_random=1)
-    assert result.transpose_count == FULL_SIZE_TRANSPOSES[name], result.transposes
+    assert result.transpose_count <= FULL_SIZE_TRANSPOSES[name], result.transposes
