@@ -184,8 +184,21 @@ def roll(node: OpNode, ctx: Emit) -> Any:
     shifts = node.kw["shifts"]
     shifts = shifts if isinstance(shifts, (tuple, list)) else (shifts,)
     for s, d in zip(shifts, _dims(node, "dims", rank)):
-        x = keras.ops.roll(x, int(s), axis=ctx.axis(node, d))
+        x = _roll_axis(x, int(s), node.shape[d], ctx.axis(node, d), rank)
     return x
+
+
+def _roll_axis(x: Any, shift: int, n: int, axis: int, rank: int) -> Any:
+    """Roll as two slices and a concatenation: ``tf.roll`` is no TFLite builtin op (Flex only)."""
+    shift %= n
+    if shift == 0:
+        return x
+    axis %= rank
+    if axis == 0:
+        raise NotImplementedError("roll over the batch axis")
+    head, tail = [slice(None)] * rank, [slice(None)] * rank
+    head[axis], tail[axis] = slice(n - shift, None), slice(0, n - shift)
+    return keras.ops.concatenate([x[tuple(head)], x[tuple(tail)]], axis=axis)
 
 
 @rule(torch.flip, "flip", layout=_keep_layout)

@@ -369,6 +369,7 @@ EXAMPLE_MODELS = {
     "vit_tiny": ("vit_tiny", "build", {"img_size": 64, "depth": 2, "num_classes": 10},
                  [(1, 3, 64, 64)], [(1, 3, 64, 64)]),
     "cvt13": ("cvt13", "build", {"depths": (1, 1, 2), "num_classes": 10}, [(1, 3, 64, 64)], [(1, 3, 64, 64)]),
+    "swin_block": ("swin_block", "build", {"img_size": 56}, [(2, 3, 56, 56)], [(2, 3, 56, 56)]),
 }
 
 

@@ -28,7 +28,7 @@ def _import_quietly() -> None:
         import emitter.layers  # noqa: F401  (registers our Keras layers for load_model)
         import tensorflow as tf
 
-        tf.config.list_physical_devices("GPU")  # probes CUDA now, so its "cuInit failed" line stays silent
+        tf.zeros(())  # starts the eager context (and its CUDA probe) now, so "cuInit failed" stays silent
     finally:
         _os.dup2(saved, 2)
         _os.close(devnull)

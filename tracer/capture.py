@@ -36,6 +36,7 @@ _VARARG_METHODS = {"view": "shape", "reshape": "shape", "permute": "dims", "repe
 # Creation ops: their result depends on size arguments only (sizes are folded into literals).
 _CREATION = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.eye, torch.linspace,
              torch.tensor, torch.as_tensor}
+_EXPANDS = {torch.ops.aten.expand.default}
 _NEW = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
 
 
@@ -67,7 +68,8 @@ class _Recorder(fx.Interpreter):
             raise CaptureError(f"PyTorch failed to run {n.format_node()} at {source_of(n)}: {exc}") from exc
         if n.op == "placeholder" and self.batch is None:
             self.batch = result.shape[0] if isinstance(result, torch.Tensor) and result.dim() else 0
-        if n.op == "placeholder" or any(a.name in self.dynamic for a in self._value_inputs(n, result)):
+        if (n.op == "placeholder" or any(a.name in self.dynamic for a in self._value_inputs(n, result))
+                or self._expands_to_batch(n, result)):
             self.dynamic.add(n.name)
         self.results[n.name] = result
         return result
@@ -84,6 +86,17 @@ class _Recorder(fx.Interpreter):
             return [a for a in n.all_input_nodes if isinstance(self.results.get(a.name), torch.Tensor)
                     and not (n.op == "call_method" and n.args and a is n.args[0])]
         return n.all_input_nodes
+
+    def _expands_to_batch(self, n: fx.Node, result: Any) -> bool:
+        """A constant's unit axis 0 expanded to the batch size (over 1): ``cls.expand(x.shape[0], -1, -1)``
+        captured by torch.export, where the size is a plain number. It follows the input's batch."""
+        if not (isinstance(result, torch.Tensor) and result.dim() and self.batch and self.batch > 1
+                and result.shape[0] == self.batch):
+            return False
+        if not (n.op == "call_method" and n.target == "expand" or n.target in _EXPANDS):
+            return False
+        src = self.results.get(n.args[0].name) if isinstance(n.args[0], fx.Node) else None
+        return isinstance(src, torch.Tensor) and src.dim() == result.dim() and src.shape[0] == 1
 
     def _track_batch_sizes(self, n: fx.Node) -> None:
         """Mark sizes that are the batch size of a computed tensor: ``x.size(0)``, ``x.shape[0]``,
@@ -194,24 +207,55 @@ def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     ``method``: "fx" (torch.fx symbolic tracing), "export" (torch.export, ATen level) or "auto":
     fx, and torch.export when fx cannot capture the model. ``graph.graph["capture"]`` records
     which was used and why. Weights computed by parametrizations are baked in either way.
+
+    A sample whose tensors all have batch size 1 cannot tell the batch size from a genuine unit
+    axis (``cls.expand(x.shape[0], -1, -1)`` is then a no-op, ``x.view(-1, ...)`` of windows looks
+    like a fixed size), so shapes are recorded on a batch-2 copy of it (the sample repeated along
+    axis 0), and on the sample itself only when the model fails at batch 2;
+    ``graph.graph["capture"]["batch"]`` says which.
     """
     from fixes.parametrizations import bake_parametrizations
-    from tracer.capture_export import capture_export, fx_failure
 
     if method not in CAPTURE_METHODS:
         raise InputError(f"capture must be one of {', '.join(CAPTURE_METHODS)}. Received: capture={method!r}")
     # an in-place forward (x.add_(1), relu_(x)) must not change the caller's sample tensors
     inputs = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
-    if method == "export":
-        graph = capture_export(model, inputs, reason="requested with capture='export'")
-    else:
-        try:
-            graph = capture_fx(model, inputs, is_leaf)
-        except CaptureError as exc:
-            if method == "fx":
-                raise
-            graph = capture_export(model, inputs, reason=fx_failure(model, exc), fx_error=exc)
+    if not _all_batch_one(inputs):
+        return bake_parametrizations(_capture_with(model, inputs, is_leaf, method), model)
+    doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
+    try:
+        graph = _capture_with(model, doubled, is_leaf, method)
+        note = "recorded at batch 2 (the batch-1 sample repeated), so batch-sized axes are told from unit axes"
+    except CaptureError as exc:
+        graph = _capture_with(model, inputs, is_leaf, method)
+        note = (f"recorded at batch 1: the model failed on the sample repeated to batch 2 ({_first_line(exc)}); "
+                "axes of size 1 are taken for the batch where they are sized by it")
+    graph.graph["capture"]["batch"] = note
     return bake_parametrizations(graph, model)
+
+
+def _all_batch_one(inputs: tuple) -> bool:
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    return bool(tensors) and all(x.dim() and x.shape[0] == 1 for x in tensors)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _capture_with(model: torch.nn.Module, inputs: tuple, is_leaf: Callable[[torch.nn.Module], bool],
+                  method: str) -> nx.DiGraph:
+    from tracer.capture_export import capture_export, fx_failure
+
+    if method == "export":
+        return capture_export(model, inputs, reason="requested with capture='export'")
+    try:
+        return capture_fx(model, inputs, is_leaf)
+    except CaptureError as exc:
+        if method == "fx":
+            raise
+        return capture_export(model, inputs, reason=fx_failure(model, exc), fx_error=exc)
 
 
 def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],

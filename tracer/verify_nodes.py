@@ -58,13 +58,26 @@ def torch_graph_module(model: torch.nn.Module, graph: Any, sample: Sequence[np.n
             from tracer.capture import trace
             return trace(model, has_module_rule)
         from tracer.capture_export import decompose_as_needed, export, lift_state, one_output_forms
-        ep, _ = decompose_as_needed(export(model, tuple(torch.from_numpy(np.array(x)) for x in sample)))
+        ep, _ = decompose_as_needed(export(model, _at_capture_batch(graph, sample)))
         gm = lift_state(ep)
         one_output_forms(gm.graph)
         gm.recompile()
         return gm
     finally:
         model.train(was)
+
+
+def _at_capture_batch(graph: Any, sample: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """The sample as torch tensors, a batch-1 sample repeated to the batch the graph was recorded at
+    (tracer/capture.py records a batch-1 sample at batch 2), so export gives the same graph."""
+    holders = [n for n in ordered(graph) if n.kind == "placeholder"]
+    out = []
+    for x, h in zip(sample, holders):
+        x = np.array(x)
+        if x.ndim and x.shape[0] == 1 and h.shape and h.shape[0] > 1:
+            x = np.concatenate([x] * h.shape[0])
+        out.append(torch.from_numpy(x))
+    return tuple(out)
 
 
 def run_torch_nodes(gm: fx.GraphModule, inputs: Sequence[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
