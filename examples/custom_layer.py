@@ -29,7 +29,12 @@ class ScaledTanh(nn.Module):
 
 @rule(ScaledTanh, layout=Layout.CHANNELS_LAST)
 def scaled_tanh(node: OpNode, ctx) -> keras.KerasTensor:
-    """The input arrives channels-last (declared above), so alpha broadcasts on the last axis."""
+    """The input arrives channels-last (declared above), so alpha broadcasts on the last axis.
+
+    alpha becomes a constant: right for inference, and ``tracer verify`` / ``--verify deep``
+    reports that Keras cannot train it further. To keep it trainable, emit a Keras layer of your
+    own that holds alpha as a weight (registered with ``keras.saving.register_keras_serializable``).
+    """
     x = ctx.input(node, 0)
     alpha = node.module.alpha.detach().numpy()
     return keras.ops.multiply(keras.ops.tanh(keras.ops.divide(x, alpha)), alpha)

@@ -273,6 +273,7 @@ def _register_spatial() -> None:
               _upsample("nearest-exact", n))
     alias(_ops("upsample_linear1d.vec", "upsample_linear1d"), F.interpolate, _upsample("linear", 1))
     alias(_ops("upsample_bilinear2d.vec", "upsample_bilinear2d"), F.interpolate, _upsample("bilinear", 2))
+    alias(_ops("upsample_bicubic2d.vec", "upsample_bicubic2d"), F.interpolate, _upsample("bicubic", 2))
     alias(_ops("upsample_trilinear3d.vec", "upsample_trilinear3d"), F.interpolate, _upsample("trilinear", 3))
     alias(_ops("pad"), F.pad)
     alias(_ops("constant_pad_nd"), F.pad, _pad("constant"))

@@ -8,9 +8,12 @@
 * ``addcmul``: ``input + value * tensor1 * tensor2``, as ResMLP's affine layer writes
   ``torch.addcmul(beta, alpha, x)``; any operand may be a constant (a parameter).
 * ``F.normalize``: ``x / max(||x||_p, eps)`` along one axis (XCiT's cross-covariance attention).
+* ``~x`` (``operator.invert``, ``torch.bitwise_not``): logical not of a bool tensor (EdgeNeXt's
+  positional encoding inverts its mask), bitwise not of an integer one; ``torch.logical_not``.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import keras
@@ -79,3 +82,21 @@ def normalize(node: OpNode, ctx: Emit) -> Any:
     else:
         raise NotImplementedError(f"F.normalize with p={p}: only p=1 and p=2 are converted")
     return keras.ops.divide(x, keras.ops.maximum(norm, eps))
+
+
+@rule(operator.invert, torch.bitwise_not, "bitwise_not", torch.ops.aten.bitwise_not.default, layout=Layout.ANY)
+def invert(node: OpNode, ctx: Emit) -> Any:
+    """``~x``: logical not for bool, bitwise not (two's complement, ``-x - 1``) for integers."""
+    x = ctx.input(node, 0)
+    if x.dtype == "bool":
+        return keras.ops.logical_not(x)
+    if "int" not in str(x.dtype):
+        raise NotImplementedError(f"~x of a {x.dtype} tensor: PyTorch inverts only bool and integer tensors")
+    return keras.ops.bitwise_invert(x)
+
+
+@rule(torch.logical_not, "logical_not", torch.ops.aten.logical_not.default, layout=Layout.ANY)
+def logical_not(node: OpNode, ctx: Emit) -> Any:
+    """``torch.logical_not(x)``: True where ``x`` is zero (False), for any dtype."""
+    x = ctx.input(node, 0)
+    return keras.ops.logical_not(x if x.dtype == "bool" else keras.ops.not_equal(x, 0))

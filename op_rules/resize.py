@@ -1,8 +1,9 @@
-"""Resizing and padding: Upsample/interpolate (nearest, bilinear/linear both align_corners),
+"""Resizing and padding: Upsample/interpolate (nearest, bilinear/linear and bicubic both align_corners),
 PixelShuffle/PixelUnshuffle, F.pad and the padding modules.
 
 Interpolation is reproduced with PyTorch's own source-index formulas: nearest as an index
-gather (or UpSampling where each source row repeats), (bi)linear as one interpolation matrix per axis.
+gather (or UpSampling where each source row repeats), (bi)linear and bicubic as one interpolation
+matrix per axis.
 """
 from __future__ import annotations
 
@@ -67,8 +68,33 @@ def _linear_matrix(li: int, o: int, factor: float | None, align_corners: bool) -
     return m.astype(np.float32)
 
 
+def _cubic_matrix(li: int, o: int, factor: float | None, align_corners: bool, a: float = -0.75) -> np.ndarray:
+    """(o, li) bicubic weights along one axis, as PyTorch's kernel (HelperInterpCubic) computes them:
+    Keys' cubic convolution with A = -0.75 over taps ``i-1 .. i+2``, clamped to the border."""
+    dst = np.arange(o, dtype=np.float64)
+    if align_corners:
+        src = dst * ((li - 1) / (o - 1)) if o > 1 else np.zeros(o)
+    else:
+        scale = 1.0 / factor if factor else li / o
+        src = (dst + 0.5) * scale - 0.5  # not clamped at 0 for cubic
+    i0 = np.minimum(np.floor(src).astype(np.int64), li - 1)
+    t = np.clip(src - i0, 0.0, 1.0)
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+    m = np.zeros((o, li), np.float64)
+    for j, w in enumerate(weights):
+        np.add.at(m, (np.arange(o), np.clip(i0 - 1 + j, 0, li - 1)), w)
+    return m.astype(np.float32)
+
+
 _NEAREST = ("nearest", "nearest-exact")
-_LINEAR = ("linear", "bilinear", "trilinear")
+_LINEAR = ("linear", "bilinear", "trilinear", "bicubic")
 
 
 @rule(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate, F.upsample,
@@ -77,7 +103,7 @@ def interpolate(node: OpNode, ctx: Emit) -> Any:
     mode = param(node, "mode", "nearest")
     if mode not in _NEAREST + _LINEAR:
         raise NotImplementedError(f"interpolation mode {mode!r} is not supported (nearest, "
-                                  "nearest-exact, linear, bilinear, trilinear are)")
+                                  "nearest-exact, linear, bilinear, bicubic, trilinear are)")
     if param(node, "antialias", False):
         raise NotImplementedError("interpolation with antialias=True is not supported")
     x = ctx.input(node, 0)
@@ -98,7 +124,8 @@ def interpolate(node: OpNode, ctx: Emit) -> Any:
     for axis, li, o, f in sizes:
         if li != o:  # PyTorch copies an axis whose size does not change, whatever the scale factor
             layer = L.AxisLinearMap(axis, li, o, name=ctx.name(node, f"axis{axis}"))
-            L.set_value(layer, "matrix", _linear_matrix(li, o, f, align))
+            matrix = (_cubic_matrix if mode == "bicubic" else _linear_matrix)(li, o, f, align)
+            L.set_value(layer, "matrix", matrix)
             x = layer(x)
     return x
 

@@ -55,7 +55,8 @@ def _moves_batch(in_shape: tuple, out_shape: tuple) -> bool:
 
     Keras reshapes with ``-1`` for axis 0, as torch code writes ``x.view(-1, ...)`` or
     ``x.view(x.size(0), ...)``. Behind a unit axis the batch size would be fixed to the sample's.
-    A sample of batch 1 cannot tell, so it is trusted.
+    A batch-1 sample is recorded at batch 2 (tracer/capture.py), which tells; recorded at batch 1
+    (the model fails at batch 2), it cannot tell, so it is trusted.
     """
     return bool(in_shape) and bool(out_shape) and in_shape[0] != 1 and out_shape[0] == 1
 

@@ -5,7 +5,9 @@ cumsum, triu/tril, ``*_like`` creation, dtype casts, and F.unfold / F.fold.
 Creation ops whose sizes come from ``x.shape`` (``torch.arange(x.shape[-1])``) are constants
 already at capture (tracer/capture.py). A constant expanded to the sample's batch size (a class
 token ``cls.expand(x.shape[0], -1, -1)``) is multiplied by ones of the model's batch size at
-runtime; with a sample of batch 1, an expand to batch 1 is taken for that too.
+runtime (a batch-1 sample is recorded at batch 2, tracer/capture.py; recorded at batch 1, an expand
+to batch 1 is taken for that too). ``torch.zeros(x.shape[0], ...)``, captured by fx or torch.export,
+becomes zeros of the runtime batch size the same way.
 """
 from __future__ import annotations
 
@@ -96,7 +98,14 @@ def expand(node: OpNode, ctx: Emit) -> Any:
                                   "axis, which a Keras model keeps as axis 0")
     phys = node.layout
     physical = [reps[p] for p in phys.perm]
-    return x if all(r == 1 for r in physical) else keras.ops.tile(x, physical)
+    # a unit axis 0 repeated to the batch size (XCiT: pos.repeat(B, 1, 1, 1)): ones of the runtime batch
+    batched = src.shape[0] == 1 and reps[0] > 1 and reps[0] == _sample_batch(ctx) and phys.perm[0] == 0
+    physical[0] = 1 if batched else physical[0]
+    y = x if all(r == 1 for r in physical) else keras.ops.tile(x, physical)
+    if batched:
+        ones = keras.ops.cast(batch_ones(ctx, node.rank, ctx.name(node, "batch")), y.dtype)
+        y = keras.ops.logical_and(ones, y) if y.dtype == "bool" else keras.ops.multiply(ones, y)
+    return y
 
 
 # ---- casts and creation like a tensor ------------------------------------------------------
@@ -128,10 +137,11 @@ def like(node: OpNode, ctx: Emit) -> Any:
     return keras.ops.add(zeros, const)
 
 
-_FULL = {torch.zeros: 0.0, torch.ones: 1.0, torch.empty: 0.0, "new_zeros": 0.0, "new_ones": 1.0, "new_empty": 0.0}
+_FULL = {torch.zeros: 0.0, torch.ones: 1.0, torch.empty: 0.0, "new_zeros": 0.0, "new_ones": 1.0, "new_empty": 0.0,
+         aten.zeros.default: 0.0, aten.ones.default: 1.0, aten.empty.memory_format: 0.0}
 
 
-@rule(*_FULL, torch.full, "new_full", layout=Layout.TORCH)
+@rule(*_FULL, torch.full, "new_full", aten.full.default, layout=Layout.TORCH)
 def batch_sized_full(node: OpNode, ctx: Emit) -> Any:
     """``torch.zeros(x.shape[0], ...)`` and the like: constants whose axis 0 is the batch size
     (capture keeps only those as operations)."""

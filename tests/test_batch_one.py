@@ -6,12 +6,15 @@ with parity at the sample's batch 1 and at batch 3 (the last random trial).
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from tracer.api import convert_model
+from tracer.errors import ConversionError
 from tests.helpers import FP32_TOL
 
 
@@ -61,9 +64,24 @@ class Windows(nn.Module):
         return x + window_reverse(att @ v, self.ws, h, w)
 
 
+class RepeatedPosition(nn.Module):
+    """XCiT's positional encoding: computed from the map's size, then ``pos.repeat(B, 1, 1, 1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(1, 3, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        pos = torch.arange(1, w + 1).to(torch.float32).repeat(1, h, 1) / w
+        pos = self.proj(pos.unsqueeze(1)).repeat(b, 1, 1, 1)
+        return torch.cat([pos, x], dim=1)
+
+
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("model,shape", [(ClsTokenViT, (1, 3, 16, 16)), (Windows, (1, 8, 8, 8))],
-                         ids=["cls-token", "windows"])
+@pytest.mark.parametrize("model,shape", [(ClsTokenViT, (1, 3, 16, 16)), (Windows, (1, 8, 8, 8)),
+                                         (RepeatedPosition, (1, 3, 4, 5))],
+                         ids=["cls-token", "windows", "repeated-position"])
 def test_batch_one_sample_converts_with_parity_at_other_batches(model, shape, capture):
     torch.manual_seed(0)
     result = convert_model(model().eval(), torch.randn(shape), capture=capture, n_random=2, raise_on_mismatch=False)
@@ -97,3 +115,16 @@ def test_larger_batch_sample_is_recorded_as_given():
     result = convert_model(ClsTokenViT().eval(), torch.randn(2, 3, 16, 16), n_random=1)
     assert "batch" not in result.facts()["capture"]
     assert next(n for n in result.graph.nodes.values()).get("op").shape[0] == 2
+
+
+def test_keras_runtime_failure_names_the_layer_and_torch_node(monkeypatch):
+    """Recorded at batch 1 (as before batch-2 recording), export drops the class token's expand and
+    Concatenate fails at batch 3 in TensorFlow: the error names the layer, the node and the line."""
+    monkeypatch.setattr("tracer.capture._all_batch_one", lambda inputs: False)
+    with pytest.raises(ConversionError) as info:
+        convert_model(ClsTokenViT().eval(), torch.randn(1, 3, 16, 16), capture="export", n_random=2)
+    msg = str(info.value)
+    assert re.match(r"the converted Keras model fails on the random1 \(batch 3\) input \(\(3, 3, 16, 16\)\), which "
+                    r"PyTorch runs: Keras Concatenate 'cat(_\d+)?' emitted for torch node cat \(torch.ops.aten.cat", msg), msg
+    assert "x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos" in msg
+    assert "Dimension 0 in both shapes must be equal" in msg and "\n" not in msg

@@ -114,7 +114,8 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
             say(f"checking parity on {1 + n_random + len(extra_inputs)} inputs")
             sample = [t.detach().cpu().numpy() for t in inputs]
             result.report = check_parity(model, keras_model, sample, result.input_layouts,
-                                         result.output_layouts, n_random=n_random, extra=extra_inputs, tol=tol)
+                                         result.output_layouts, n_random=n_random, extra=extra_inputs, tol=tol,
+                                         graph=graph, node_tensors=result.node_tensors)
             if raise_on_mismatch and not result.report.ok:
                 raise ParityError(result.report)
         if tflite:

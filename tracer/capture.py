@@ -36,7 +36,10 @@ _VARARG_METHODS = {"view": "shape", "reshape": "shape", "permute": "dims", "repe
 # Creation ops: their result depends on size arguments only (sizes are folded into literals).
 _CREATION = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.eye, torch.linspace,
              torch.tensor, torch.as_tensor}
-_EXPANDS = {torch.ops.aten.expand.default}
+_EXPANDS = {torch.ops.aten.expand.default, torch.ops.aten.repeat.default}
+# torch.export's creation ops: their sizes are plain numbers, ``x.shape[0]`` among them
+_ATEN_CREATION = {torch.ops.aten.zeros.default, torch.ops.aten.ones.default, torch.ops.aten.full.default,
+                  torch.ops.aten.empty.memory_format}
 _NEW = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
 
 
@@ -88,12 +91,15 @@ class _Recorder(fx.Interpreter):
         return n.all_input_nodes
 
     def _expands_to_batch(self, n: fx.Node, result: Any) -> bool:
-        """A constant's unit axis 0 expanded to the batch size (over 1): ``cls.expand(x.shape[0], -1, -1)``
-        captured by torch.export, where the size is a plain number. It follows the input's batch."""
+        """A constant's unit axis 0 expanded or repeated to the batch size (over 1): ``cls.expand(x.shape[0],
+        -1, -1)``, ``pos.repeat(B, 1, 1, 1)`` captured by torch.export, where the size is a plain number, or a tensor created with the batch
+        size as axis 0 there (``torch.zeros(x.shape[0], ...)``). Either follows the input's batch."""
         if not (isinstance(result, torch.Tensor) and result.dim() and self.batch and self.batch > 1
                 and result.shape[0] == self.batch):
             return False
-        if not (n.op == "call_method" and n.target == "expand" or n.target in _EXPANDS):
+        if n.op == "call_function" and n.target in _ATEN_CREATION:  # torch.zeros(x.shape[0], ...) exported
+            return True
+        if not (n.op == "call_method" and n.target in ("expand", "repeat") or n.target in _EXPANDS):
             return False
         src = self.results.get(n.args[0].name) if isinstance(n.args[0], fx.Node) else None
         return isinstance(src, torch.Tensor) and src.dim() == result.dim() and src.shape[0] == 1

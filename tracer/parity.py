@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tracer.errors import ConversionError
 from tracer.ir import Phys
+from tracer.keras_failure import describe_failure, feed_of
 
 DEFAULT_TOL = 1e-5
 
@@ -93,8 +95,7 @@ def run_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.n
 
 def run_keras(keras_model: Any, inputs: Sequence[np.ndarray], in_layouts: Sequence[Phys],
               out_layouts: Sequence[Phys]) -> list[np.ndarray]:
-    feed = [np.ascontiguousarray(np.transpose(x, p.perm)) for x, p in zip(inputs, in_layouts)]
-    out = keras_model(feed if len(feed) > 1 else feed[0], training=False)
+    out = keras_model(feed_of(inputs, in_layouts), training=False)
     outs = out if isinstance(out, (list, tuple)) else [out]
     return [np.transpose(np.asarray(y), np.argsort(p.perm)) for y, p in zip(outs, out_layouts)]
 
@@ -131,8 +132,14 @@ def random_like(shapes: Sequence[tuple], dtypes: Sequence[str], seed: int, batch
 
 def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.ndarray], in_layouts: Sequence[Phys],
                  out_layouts: Sequence[Phys], n_random: int = 3, extra: Sequence[Sequence[np.ndarray]] = (),
-                 tol: float = DEFAULT_TOL, seed: int = 0) -> ParityReport:
-    """Compare on the sample input, ``n_random`` random inputs (one with another batch size) and ``extra``."""
+                 tol: float = DEFAULT_TOL, seed: int = 0, graph: Any = None,
+                 node_tensors: dict | None = None) -> ParityReport:
+    """Compare on the sample input, ``n_random`` random inputs (one with another batch size) and ``extra``.
+
+    When the Keras model raises on an input that PyTorch runs, a ConversionError names the input
+    and, given the ``graph`` and the ``node_tensors`` of the conversion, the Keras layer that failed
+    and the torch node (and source line) it was emitted for.
+    """
     shapes = [tuple(x.shape) for x in sample]
     dtypes = [str(x.dtype) for x in sample]
     trials: list[tuple[str, list[np.ndarray]]] = [("sample", list(sample))]
@@ -143,6 +150,12 @@ def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.n
     report = ParityReport(tolerance=tol)
     for label, inputs in trials:
         expected = run_torch(model, inputs)
-        got = run_keras(keras_model, inputs, in_layouts, out_layouts)
+        try:
+            got = run_keras(keras_model, inputs, in_layouts, out_layouts)
+        except Exception as exc:  # noqa: BLE001  (TensorFlow's InvalidArgumentError and the like)
+            where = describe_failure(exc, keras_model, graph, node_tensors or {}, feed_of(inputs, in_layouts))
+            given = ", ".join(str(tuple(x.shape)) for x in inputs)
+            raise ConversionError(f"the converted Keras model fails on the {label} input ({given}), which "
+                                  f"PyTorch runs: {where}") from exc
         report.trials.append(Trial(label, tuple(tuple(x.shape) for x in inputs), compare(expected, got, tol)))
     return report

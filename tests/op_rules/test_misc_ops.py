@@ -136,3 +136,43 @@ def test_normalize(p, dim, conv, shape):
 def test_normalize_of_zeros_keeps_eps():
     x = torch.zeros(2, 6, 8)
     assert_converts(Normalize(2.0, -1, False), x)
+
+
+class InvertedMask(nn.Module):
+    """EdgeNeXt's positional encoding: ``~torch.zeros((B, H, W)).bool()`` summed along H and W, and
+    ``~`` of a mask given as an input."""
+
+    def __init__(self, method: str):
+        super().__init__()
+        self.method = method
+
+    def _not(self, m: torch.Tensor) -> torch.Tensor:
+        return {"op": lambda: ~m, "torch": lambda: torch.bitwise_not(m), "logical": lambda: torch.logical_not(m),
+                "method": lambda: m.bitwise_not()}[self.method]()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        inv = self._not(torch.zeros((b, h, w)).to(dtype=torch.bool))
+        pos = inv.cumsum(1, dtype=torch.float32) + inv.cumsum(2, dtype=torch.float32)
+        return x * self._not(mask).float() + pos.unsqueeze(1)
+
+
+@pytest.mark.parametrize("method", ["op", "torch", "logical", "method"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_invert_of_bool_masks(method, capture):
+    x = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(1, 3, 4, 5, generator=torch.Generator().manual_seed(4)) > 0.5
+    result = convert_model(InvertedMask(method).eval(), (x, mask), capture=capture, n_random=2,
+                           raise_on_mismatch=False)
+    assert result.report.ok, result.report.summary()
+
+
+class IntInvert(nn.Module):
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x * (~ids).float() + torch.logical_not(ids).float()
+
+
+def test_invert_of_integers_is_bitwise_not():
+    ids = torch.tensor([[0, 1, -3, 7], [2, -1, 5, 0]])
+    result = assert_converts(IntInvert(), ids, torch.randn(2, 4))
+    assert result.report.trials[0].outputs[0].max_abs == 0.0
