@@ -42,3 +42,19 @@ class ConvBN(nn.Sequential):
         self.add_module("bn", nn.BatchNorm2d(cout))
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
+
+
+def sample_input(batch: int = 1, img_size: int = 224, seed: int = 0) -> torch.Tensor:
+    """A seeded NCHW image batch."""
+    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def convert_and_print(name: str, model: nn.Module, sample: torch.Tensor) -> None:
+    """What each example prints when run as a script: size, ops, Transposes, seconds, parity."""
+    from tracer import convert_model
+
+    result = convert_model(model, sample)
+    facts = result.facts()
+    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {facts['nodes']} ops, "
+          f"{facts['transpose_ops']} Transpose ops, {facts['seconds']} s")
+    print(result.report.summary())

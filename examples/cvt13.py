@@ -24,6 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # imported as examples.<name> (tests)
+    from examples.common import convert_and_print, sample_input
+except ImportError:  # run as a script from examples/
+    from common import convert_and_print, sample_input
+
 CVT13 = dict(dims=(64, 192, 384), heads=(1, 3, 6), depths=(1, 2, 10), patch=(7, 3, 3), stride=(4, 2, 2),
              padding=(2, 1, 1), cls_token=(False, False, True))
 
@@ -168,16 +173,5 @@ def build(num_classes: int = 1000, depths: tuple = CVT13["depths"], seed: int = 
         return CvT(num_classes=num_classes, depths=depths).eval()
 
 
-def sample_input(batch: int = 1, img_size: int = 224, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
-
-
 if __name__ == "__main__":
-    from tracer import convert_model
-
-    model = build()
-    result = convert_model(model, sample_input())
-    facts = result.facts()
-    print(f"CvT-13: {sum(p.numel() for p in model.parameters()):,} parameters, {facts['nodes']} ops, "
-          f"{facts['transpose_ops']} Transpose ops, {facts['seconds']} s")
-    print(result.report.summary())
+    convert_and_print("CvT-13", build(), sample_input())

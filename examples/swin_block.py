@@ -22,6 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+try:  # imported as examples.<name> (tests)
+    from examples.common import convert_and_print, sample_input
+except ImportError:  # run as a script from examples/
+    from common import convert_and_print, sample_input
+
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     """(B, H, W, C) -> (B * H/ws * W/ws, ws, ws, C)."""
@@ -158,16 +163,5 @@ def build(img_size: int = 224, num_classes: int = 1000, dim: int = 96, seed: int
         return SwinStages(img_size=img_size, dim=dim, num_classes=num_classes).eval()
 
 
-def sample_input(batch: int = 1, img_size: int = 224, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
-
-
 if __name__ == "__main__":
-    from tracer import convert_model
-
-    model = build()
-    result = convert_model(model, sample_input())
-    facts = result.facts()
-    print(f"Swin stages: {sum(p.numel() for p in model.parameters()):,} parameters, {facts['nodes']} ops, "
-          f"{facts['transpose_ops']} Transpose ops, {facts['seconds']} s")
-    print(result.report.summary())
+    convert_and_print("Swin stages", build(), sample_input())

@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+try:  # imported as examples.<name> (tests)
+    from examples.common import convert_and_print, sample_input
+except ImportError:  # run as a script from examples/
+    from common import convert_and_print, sample_input
+
 
 class PatchEmbed(nn.Module):
     """(B, 3, H, W) -> (B, H/p * W/p, dim): a conv with kernel = stride = patch, flattened."""
@@ -102,16 +107,5 @@ def build(img_size: int = 224, num_classes: int = 1000, depth: int = 12, seed: i
         return VisionTransformer(img_size=img_size, num_classes=num_classes, depth=depth).eval()
 
 
-def sample_input(batch: int = 1, img_size: int = 224, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
-
-
 if __name__ == "__main__":
-    from tracer import convert_model
-
-    model = build()
-    result = convert_model(model, sample_input())
-    facts = result.facts()
-    print(f"ViT-Tiny: {sum(p.numel() for p in model.parameters()):,} parameters, {facts['nodes']} ops, "
-          f"{facts['transpose_ops']} Transpose ops, {facts['seconds']} s")
-    print(result.report.summary())
+    convert_and_print("ViT-Tiny", build(), sample_input())

@@ -3,25 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from examples.common import randomize_bn_stats as randomize_bn  # noqa: F401  (non-default BN statistics)
 from tracer import convert_model
 from tracer.api import ConversionResult
 
 FP32_TOL = 1e-5  # max|keras - torch| <= FP32_TOL * max(1, max|torch|)
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-default running statistics and affine parameters, so BatchNorm bugs cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-    return model
 
 
 def assert_converts(model: torch.nn.Module, *inputs: torch.Tensor, tol: float = FP32_TOL,
@@ -34,3 +20,25 @@ def assert_converts(model: torch.nn.Module, *inputs: torch.Tensor, tol: float = 
     assert report is not None and report.trials, "parity was not checked"
     assert report.ok, report.summary()
     return result
+
+
+class Wrap(torch.nn.Module):
+    """Holds the layer as a submodule so it is captured as one module call."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class Functional(torch.nn.Module):
+    """``fn(x, *args, **kw)`` as a model: a functional op captured as one call."""
+
+    def __init__(self, fn, *args, **kw):
+        super().__init__()
+        self.fn, self.args, self.kw = fn, args, kw
+
+    def forward(self, x):
+        return self.fn(x, *self.args, **self.kw)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.helpers import assert_converts
+from tests.helpers import Functional, Wrap, assert_converts
 from tracer.errors import ConversionError
 
 SIZES = {1: (17,), 2: (11, 13), 3: (5, 7, 6)}
@@ -19,26 +19,6 @@ SIZES = {1: (17,), 2: (11, 13), 3: (5, 7, 6)}
 def sample(n: int, size: tuple | None = None, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, 3, *(size or SIZES[n]), generator=g)
-
-
-class Wrap(nn.Module):
-    """Holds the layer as a submodule so it is captured as one module call."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
-class Functional(nn.Module):
-    def __init__(self, fn, *args, **kw):
-        super().__init__()
-        self.fn, self.args, self.kw = fn, args, kw
-
-    def forward(self, x):
-        return self.fn(x, *self.args, **self.kw)
 
 
 def layer_names(result) -> list[str]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.helpers import assert_converts
+from tests.helpers import Functional, Wrap, assert_converts
 from tracer.api import convert_model
 from tracer.errors import ConversionError
 
@@ -19,26 +19,6 @@ def sample(*shape: int, seed: int = 0) -> torch.Tensor:
 
 IMAGE = (1, 3, 5, 6)
 SEQ = (1, 3, 7)
-
-
-class Wrap(nn.Module):
-    """Holds the layer as a submodule so it is captured as one module call."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
-class Functional(nn.Module):
-    def __init__(self, fn, *args, **kw):
-        super().__init__()
-        self.fn, self.args, self.kw = fn, args, kw
-
-    def forward(self, x):
-        return self.fn(x, *self.args, **self.kw)
 
 
 class ConvAround(nn.Module):
