@@ -11,11 +11,11 @@ FP32_TOL = 1e-5  # max|keras - torch| <= FP32_TOL * max(1, max|torch|)
 
 
 def assert_converts(model: torch.nn.Module, *inputs: torch.Tensor, tol: float = FP32_TOL,
-                    channels_last_io: bool = False, n_random: int = 2) -> ConversionResult:
+                    channels_last_io: bool = False, n_random: int = 2, fold_bn: bool = False) -> ConversionResult:
     """Convert ``model`` and assert every output matches PyTorch on the sample and random inputs."""
     model.eval()
     result = convert_model(model, inputs if len(inputs) > 1 else inputs[0], channels_last_io=channels_last_io,
-                           n_random=n_random, tol=tol, raise_on_mismatch=False)
+                           fold_bn=fold_bn, n_random=n_random, tol=tol, raise_on_mismatch=False)
     report = result.report
     assert report is not None and report.trials, "parity was not checked"
     assert report.ok, report.summary()

@@ -14,6 +14,7 @@ from tracer.errors import UnsupportedOpsError
 from tracer.ir import OP, OpNode, Ref, check_integrity, op, ordered, target_name, update
 from tracer.layout import assign_layouts
 from tracer.optimize import fold_batchnorm, fuse_activations, remove_identities
+from tracer.reparam import merge_parallel_convs
 
 
 def check_supported(graph: nx.DiGraph) -> nx.DiGraph:
@@ -115,9 +116,15 @@ def _refs(value: Any) -> list[Ref]:
 
 
 def passes(channels_last_io: bool, fold_bn: bool = False) -> list[Callable[[nx.DiGraph], nx.DiGraph]]:
-    """The ordered pass list. ``fold_bn`` (inference models only) folds BatchNorm into conv/linear."""
+    """The ordered pass list.
+
+    ``fold_bn`` (inference models only) folds BatchNorm into conv/linear, merges parallel conv
+    branches of one input (RepVGG re-parameterization), then folds the BatchNorms that followed
+    a merged sum.
+    """
+    inference = [fold_batchnorm, merge_parallel_convs, fold_batchnorm] if fold_bn else []
     return [functionalize_inplace, expand_tuple_outputs, remove_identities, remove_dead, check_supported,
-            *([fold_batchnorm] if fold_bn else []), fuse_activations,
+            *inference, fuse_activations,
             lambda g: assign_layouts(g, channels_last_io)]
 
 
