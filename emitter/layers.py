@@ -179,6 +179,38 @@ class AxisLinearMap(keras.layers.Layer):
 
 
 @_register
+class AxisDense(keras.layers.Layer):
+    """A Linear applied along the second-to-last axis: ``y = W @ x + b[:, None]``, W (units, in).
+
+    Token-mixing MLPs (MLP-Mixer, ResMLP, gMLP) apply a Linear to ``x.transpose(1, 2)``; keeping
+    ``x`` in its own layout and multiplying from the left computes that without moving any data.
+    """
+
+    def __init__(self, units, activation=None, use_bias=True, **kw):
+        super().__init__(**kw)
+        self.units, self.use_bias = int(units), bool(use_bias)
+        self.activation = keras.activations.get(activation)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(self.units, int(input_shape[-2])),
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.units, 1), initializer="zeros") if self.use_bias else None
+
+    def call(self, x):
+        y = ops.matmul(ops.cast(self.kernel, x.dtype), x)
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, x.dtype)
+        return self.activation(y)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-2], self.units, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
+                "activation": keras.activations.serialize(self.activation)}
+
+
+@_register
 class AxisGather(keras.layers.Layer):
     """Gather fixed indices along one axis (nearest resizing with non-integer scales)."""
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from emitter.context import Emit, fold_flat
+from emitter.layers import AxisDense
 from op_rules.common import call_with_weights, trainable, weight_of
 from op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys
@@ -17,13 +18,16 @@ from tracer.ir import OpNode, Phys
 def _linear_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     """Dense works on the last axis: keep any layout that has torch's last axis last.
 
-    A flattened NHWC map stays as it is; the Linear absorbs the order into its weights.
+    A flattened NHWC map stays as it is; the Linear absorbs the order into its weights. A
+    layout with torch's last axis second-to-last (a token-mixing Linear on ``x.transpose(1, 2)``)
+    is kept too: the Linear multiplies from the left there (``AxisDense``).
     """
     x = ins[0]
     rank = len(shapes[0])
     if x is not None and x.flat is not None and x.perm == tuple(range(rank)):
         keep = x
-    elif x is not None and x.perm and x.perm[-1] == rank - 1:
+    elif x is not None and x.perm and x.flat is None and (
+            x.perm[-1] == rank - 1 or (rank >= 3 and x.perm[-2] == rank - 1)):
         keep = x
     else:
         keep = Phys.identity(rank)
@@ -36,10 +40,16 @@ def linear(node: OpNode, ctx: Emit) -> Any:
     """``node.kw["fused_activation"]`` (set by tracer.optimize.fuse_activations) becomes ``activation=``."""
     weight = weight_of(node, ctx, "weight")
     bias = weight_of(node, ctx, "bias")
-    kernel = fold_flat(weight, node.in_layouts[0]).T
-    layer = keras.layers.Dense(weight.shape[0], use_bias=bias is not None,
-                               activation=node.kw.get("fused_activation"), name=ctx.name(node))
-    y = call_with_weights(layer, ctx.input(node, 0), [kernel] + ([] if bias is None else [bias]))
+    phys = node.in_layouts[0]
+    activation = node.kw.get("fused_activation")
+    if phys.perm[-1] != len(phys.perm) - 1:  # torch's last axis is second-to-last here
+        layer = AxisDense(weight.shape[0], activation=activation, use_bias=bias is not None, name=ctx.name(node))
+        weights = [weight] + ([] if bias is None else [bias.reshape(-1, 1)])
+    else:
+        layer = keras.layers.Dense(weight.shape[0], use_bias=bias is not None, activation=activation,
+                                   name=ctx.name(node))
+        weights = [fold_flat(weight, phys).T] + ([] if bias is None else [bias])
+    y = call_with_weights(layer, ctx.input(node, 0), weights)
     layer.trainable = trainable(node)
     return y
 
