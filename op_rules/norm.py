@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
 import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
+from emitter.batchnorm import BatchNormalization
 from emitter.context import Emit
 from op_rules.common import call_with_weights, param, trainable, weight_of
 from op_rules.registry import Layout, rule
@@ -20,7 +20,8 @@ def batch_norm(node: OpNode, ctx: Emit) -> Any:
 
     Keras' momentum is the weight of the old running value, PyTorch's the weight of the new
     one: keras momentum = 1 - torch momentum (torch's cumulative average, momentum=None,
-    has no Keras equivalent: 0.9 is used for training and noted).
+    has no Keras equivalent: 0.9 is used for training and noted). The layer is Keras' with
+    TensorFlow's fused kernel at inference (emitter/batchnorm.py), which grappler fuses into the conv.
     """
     if node.module is not None and not node.module.track_running_stats:
         raise ValueError("BatchNorm with track_running_stats=False normalizes with batch statistics "
@@ -31,7 +32,7 @@ def batch_norm(node: OpNode, ctx: Emit) -> Any:
     var = weight_of(node, ctx, "running_var")
     gamma, beta = weight_of(node, ctx, "weight"), weight_of(node, ctx, "bias")
     momentum = param(node, "momentum", 0.1)
-    layer = keras.layers.BatchNormalization(
+    layer = BatchNormalization(
         axis=-1, epsilon=float(param(node, "eps", 1e-5)),
         momentum=1.0 - float(momentum) if momentum is not None else 0.9,
         center=beta is not None, scale=gamma is not None, name=ctx.name(node))

@@ -19,12 +19,14 @@ def _import_quietly() -> None:
     import sys
 
     if "tensorflow" in sys.modules or _os.environ.get("TRACER_TF_LOGS"):
+        import emitter.batchnorm  # noqa: F401
         import emitter.layers  # noqa: F401
         return
     sys.stderr.flush()
     saved, devnull = _os.dup(2), _os.open(_os.devnull, _os.O_WRONLY)
     try:
         _os.dup2(devnull, 2)
+        import emitter.batchnorm  # noqa: F401
         import emitter.layers  # noqa: F401  (registers our Keras layers for load_model)
         import tensorflow as tf
 
