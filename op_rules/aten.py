@@ -89,7 +89,8 @@ def alias(targets: tuple, base: Any, rewrite: Rewrite | None = None, **kw_change
         return lookup(t.target).fn(t, ctx)
 
     fn.__name__ = f"aten_as_{base_rule.name}"
-    register(targets, fn, layout)
+    # elementwise rules keep Layout.ANY, so the layout pass weighs their inputs' layouts itself
+    register(targets, fn, Layout.ANY if base_rule.layout is Layout.ANY else layout)
 
 
 def infer_with(policy: Any, node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:

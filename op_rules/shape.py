@@ -17,12 +17,12 @@ from emitter import layers as L
 from emitter.context import Emit
 from op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys, Ref, op
-from tracer.layout import drop_dims, permute_layout, reshape_layout, same_layout
+from tracer.layout import drop_dims, permute_layout, regrouped_layout, reshape_layout, same_layout
 
 
 def _reshape_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     phys = ins[0] if ins[0] is not None else Phys.identity(len(shapes[0]))
-    found = reshape_layout(shapes[0], phys, node.shape)
+    found = reshape_layout(shapes[0], phys, node.shape) or regrouped_layout(shapes[0], phys, node.shape)
     if found is None:
         return [Phys.identity(len(shapes[0]))], Phys.identity(node.rank)
     req, out = found

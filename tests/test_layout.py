@@ -101,6 +101,27 @@ class Conv1dTokens(nn.Module):
         return self.fc(F.gelu(self.c(t.transpose(1, 2)).transpose(1, 2)))
 
 
+class UnfoldFold(nn.Module):
+    """MobileViT: NCHW map -> (B, C, patch pixels, patches) -> norm + 1x1 conv residuals -> map."""
+
+    def __init__(self, c: int = 8, p: int = 2):
+        super().__init__()
+        self.p = p
+        self.conv_in, self.conv_out = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.norms = nn.ModuleList(nn.GroupNorm(1, c) for _ in range(2))
+        self.mixers = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(2))
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        b, c, h, w = x.shape
+        p = self.p
+        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c, p * p, -1)
+        for norm, mix in zip(self.norms, self.mixers):
+            t = t + mix(norm(t))
+        y = t.reshape(b, c, p, p, h // p, w // p).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)
+        return self.conv_out(y)
+
+
 CASES = [
     # model, input shapes, Transposes with PyTorch-layout I/O, with channels-last I/O
     (MixedOps, [(1, 3, 8, 8)], 2, 0),
@@ -110,6 +131,7 @@ CASES = [
     (FlattenHead, [(1, 3, 8, 8)], 1, 0),
     (ChannelMatmul, [(1, 3, 6, 6)], 1, 0),
     (Conv1dTokens, [(1, 5, 6)], 0, 0),
+    (UnfoldFold, [(2, 3, 8, 8)], 4, 2),  # the unfold and the fold each move data once
 ]
 
 
@@ -130,3 +152,15 @@ def test_transpose_reasons_name_the_consumer():
     first, last = result.transposes
     assert first.startswith("x: ") and "(c)" in first and "(0, 2, 3, 1)" in first
     assert "model output" in last
+
+
+def test_export_capture_weighs_elementwise_layouts_like_fx():
+    """ATen adds (torch.export capture) choose their layout as fx-captured adds do: no transposes
+    back and forth around the residuals."""
+    from tracer import convert_model
+    torch.manual_seed(0)
+    model = UnfoldFold().eval()
+    result = convert_model(model, torch.randn(2, 3, 8, 8), capture="export", n_random=1, raise_on_mismatch=False)
+    assert result.report.ok, result.report.summary()
+    assert result.facts()["capture"]["method"] == "torch.export"
+    assert result.transpose_count == 4, result.transposes

@@ -244,6 +244,31 @@ def reshape_layout(in_shape: tuple, phys: Phys, out_shape: tuple) -> tuple[Phys,
     return req, Phys(_place(groups, pos, out_shape))
 
 
+def regrouped_layout(in_shape: tuple, phys: Phys, out_shape: tuple) -> tuple[Phys, Phys] | None:
+    """For a reshape that cannot run in ``phys``: one reorder of the input that lets it run and
+    leaves the result channels-last when the input had its channels last (a MobileViT unfold or
+    fold between NHWC maps and patches), else in PyTorch's order. None if no such reorder exists.
+
+    Without it the data goes back to PyTorch's order for the reshape and, for the channels-last
+    op that follows, is transposed once more.
+    """
+    groups = _groups(tuple(in_shape), tuple(out_shape))
+    rank_in, rank_out = len(in_shape), len(out_shape)
+    if groups is None or phys.flat is not None or rank_out < 3:
+        return None
+    channels_last = phys.perm[-1] == 1 and ([1], [1]) in groups
+    target = Phys.channels_last(rank_out) if channels_last else Phys.identity(rank_out)
+    owner = {d: gin for gin, gout in groups for d in gout}
+    order = [d for o in target.perm if o in owner and owner[o][0] == min(owner[o]) for d in owner[o]]
+    order = list(dict.fromkeys(order))
+    for d in range(rank_in):  # unit axes: right after their torch predecessor
+        if d not in order:
+            order.insert(order.index(d - 1) + 1 if d > 0 and (d - 1) in order else 0, d)
+    req = Phys(tuple(order))
+    found = reshape_layout(in_shape, req, out_shape)
+    return (req, found[1]) if found is not None and found[0] == req and found[1] == target else None
+
+
 def _place(groups: list, pos: dict, out_shape: tuple) -> tuple[int, ...]:
     placed = sorted((min(pos[d] for d in gin), gout) for gin, gout in groups)
     out_perm = [d for _, gout in placed for d in gout]
