@@ -7,7 +7,7 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter.batchnorm import BatchNormalization
+from emitter.batchnorm import BatchNormalization, worth_fusing
 from emitter.context import Emit
 from op_rules.common import call_with_weights, param, trainable, weight_of
 from op_rules.registry import Layout, rule
@@ -35,8 +35,18 @@ def batch_norm(node: OpNode, ctx: Emit) -> Any:
     layer = BatchNormalization(
         axis=-1, epsilon=float(param(node, "eps", 1e-5)),
         momentum=1.0 - float(momentum) if momentum is not None else 0.9,
-        center=beta is not None, scale=gamma is not None, name=ctx.name(node))
+        center=beta is not None, scale=gamma is not None, name=ctx.name(node),
+        fused=worth_fusing(_after_conv(node, ctx), tuple(node.shape[1:])))
     weights = [w for w in (gamma, beta) if w is not None] + [mean, var]
     y = call_with_weights(layer, ctx.input(node, 0), [np.asarray(w, np.float32) for w in weights])
     layer.trainable = trainable(node)
     return y
+
+
+def _after_conv(node: OpNode, ctx: Emit) -> bool:
+    """Whether ``node`` follows a plain 2-D conv it alone reads: grappler fuses those two."""
+    prev = ctx.graph.nodes[node.inputs[0]]["op"]
+    m = prev.module
+    if not isinstance(m, nn.Conv2d) or len(list(ctx.graph.successors(prev.name))) != 1:
+        return False
+    return not (m.groups > 1 and m.groups == m.in_channels)

@@ -14,7 +14,7 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter.batchnorm import BatchNormalization
+from emitter.batchnorm import BatchNormalization, worth_fusing
 from emitter.context import Emit
 from op_rules.common import call_with_weights, param, trainable, weight_of
 from op_rules.registry import Layout, rule
@@ -95,7 +95,8 @@ def instance_norm(node: OpNode, ctx: Emit) -> Any:
     if mean is None or var is None:
         raise ValueError("instance_norm(use_input_stats=False) needs running_mean and running_var")
     layer = BatchNormalization(axis=-1, epsilon=float(param(node, "eps", 1e-5)),
-                               center=beta is not None, scale=gamma is not None, name=ctx.name(node))
+                               center=beta is not None, scale=gamma is not None, name=ctx.name(node),
+                               fused=worth_fusing(False, tuple(node.shape[1:])))
     weights = [w for w in (gamma, beta) if w is not None] + [mean, var]
     y = call_with_weights(layer, ctx.input(node, 0), [np.asarray(w, np.float32) for w in weights])
     layer.trainable = trainable(node)

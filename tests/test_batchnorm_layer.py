@@ -127,3 +127,31 @@ def test_mask_of_wrong_rank_is_refused_like_keras():
     ours, _ = _pair()
     with pytest.raises(ValueError, match="one dimension less"):
         ours(tf.zeros((1, 5, 6, C)), mask=tf.ones((1, 5)))
+
+
+class DepthwiseThenBn(nn.Module):
+    """BN after a depthwise conv (no grappler fusion) and a standalone BN on the input."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.bn_in, self.dw, self.bn = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.dw(self.bn_in(x)))
+
+
+@pytest.mark.parametrize("hw, fused", [(6, 0), (64, 2)], ids=["small_map_unfused", "large_map_fused"])
+def test_unfusable_batchnorm_is_fused_only_on_large_maps(hw, fused):
+    """8 x 6 x 6 maps: Keras' arithmetic is faster; 8 x 64 x 64 (>= 32768 elements): the fused kernel."""
+    result = assert_converts(randomize_bn(DepthwiseThenBn(8)), torch.randn(1, 8, hw, hw))
+    layers = [lay for lay in result.keras_model.layers if isinstance(lay, BatchNormalization)]
+    assert [lay.fused for lay in layers] == [bool(fused)] * 2
+    assert graph_ops(result.keras_model).count("FusedBatchNormV3") == fused
+
+
+def test_unfused_flag_survives_save_and_load(tmp_path):
+    result = assert_converts(randomize_bn(DepthwiseThenBn(4)), torch.randn(1, 4, 5, 5))
+    path = tmp_path / "m.keras"
+    result.keras_model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert [lay.fused for lay in loaded.layers if isinstance(lay, BatchNormalization)] == [False, False]
