@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--channels-last-io", action="store_true",
                    help="image inputs/outputs in NHWC (TensorFlow's layout) instead of PyTorch's NCHW")
     c.add_argument("--fold-bn", action="store_true",
-                   help="inference model: fold BatchNorm into the conv/linear before it (fewer layers, faster; "
-                        "by default BatchNorm stays a trainable layer)")
+                   help="inference model: fold BatchNorm into the conv/linear before it and sum parallel "
+                        "conv branches of one input into one conv (RepVGG blocks become one 3x3 conv); "
+                        "fewer layers, faster. By default every layer stays trainable")
     c.add_argument("--inputs", action="append", default=[], metavar="FILE",
                    help=".npy (one input) or .npz/.pt (several, in order) to also compare on; repeatable")
     c.add_argument("--random-inputs", type=int, default=3, metavar="N", help="random inputs to compare on (default 3)")
