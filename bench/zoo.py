@@ -136,6 +136,11 @@ def convert_one(name: str, family: str, side: int, kwargs: dict, batch: int = 1)
         row.seconds = round(time.perf_counter() - start, 1)
     report = result.report
     row.status = "ok" if report.ok else "mismatch"
+    checks = [e for t in report.trials for e in t.exactness]
+    if checks:  # how far each side is from PyTorch in float64 on the failing inputs
+        worst = max(checks, key=lambda e: e.keras)
+        kind = "fp32-limited" if all(e.fp32_limited for e in checks) else "conversion error"
+        row.reason = f"{kind}: vs float64, PyTorch fp32 {worst.torch_fp32:.1e}, Keras {worst.keras:.1e}"
     row.max_abs, row.max_rel = report.max_abs, report.max_rel
     row.transposes = result.transpose_count
     row.capture = result.facts()["capture"].get("method", "")

@@ -5,6 +5,7 @@ Each output of each trial is compared with the stated tolerance:
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -31,10 +32,26 @@ class OutputDiff:
 
 
 @dataclass(frozen=True)
+class Exactness:
+    """For a failed output: how far PyTorch fp32 and Keras each are from PyTorch in float64."""
+
+    output: int
+    torch_fp32: float  # scaled like max_rel
+    keras: float
+
+    @property
+    def fp32_limited(self) -> bool:
+        """The model amplifies fp32 rounding past the tolerance in PyTorch itself, and Keras is
+        no further from the exact result than twice PyTorch's own fp32 error."""
+        return self.keras <= 2.0 * self.torch_fp32
+
+
+@dataclass(frozen=True)
 class Trial:
     label: str
     input_shapes: tuple
     outputs: tuple[OutputDiff, ...]
+    exactness: tuple[Exactness, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -66,15 +83,49 @@ class ParityReport:
                 flag = "ok  " if o.ok else ("NaN " if not o.finite else "FAIL")
                 lines.append(f"  {flag} {t.label:<14} output {o.output} {str(o.shape):<18} "
                              f"max abs {o.max_abs:.3e}  scaled {o.max_rel:.3e}  (max|y| {o.max_ref:.3g})")
+            lines += [_exactness_line(e) for e in t.exactness]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "tolerance": self.tolerance, "max_abs": self.max_abs, "max_rel": self.max_rel,
                 "trials": [{"label": t.label, "input_shapes": t.input_shapes, "ok": t.ok,
-                            "outputs": [asdict(o) for o in t.outputs]} for t in self.trials]}
+                            "outputs": [asdict(o) for o in t.outputs],
+                            "fp64_reference": [{**asdict(e), "fp32_limited": e.fp32_limited} for e in t.exactness]}
+                           for t in self.trials]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _exactness_line(e: Exactness) -> str:
+    verdict = ("the model amplifies fp32 rounding past the tolerance in PyTorch itself and Keras is within 2x "
+               "of PyTorch's own fp32 error: fp32 limits, not the conversion" if e.fp32_limited else
+               "Keras is further from the exact result than PyTorch fp32: a conversion error")
+    return (f"       vs PyTorch float64, output {e.output}: PyTorch fp32 {e.torch_fp32:.3e}, "
+            f"Keras {e.keras:.3e} (scaled): {verdict}")
+
+
+def exactness(model: torch.nn.Module, inputs: Sequence[np.ndarray], expected: Sequence[np.ndarray],
+              got: Sequence[np.ndarray], diffs: Sequence[OutputDiff]) -> tuple[Exactness, ...]:
+    """For failed finite float outputs: PyTorch fp32 and Keras each against PyTorch run in float64
+    (a copy of the model). Empty when the model does not run in float64."""
+    failed = [d.output for d in diffs if not d.ok and d.finite and np.isfinite(d.max_abs)]
+    if not failed or not all(np.issubdtype(expected[i].dtype, np.floating) for i in failed):
+        return ()
+    try:
+        model64 = copy.deepcopy(model).double()
+        with torch.no_grad():
+            out = model64(*[torch.from_numpy(np.array(x, np.float64 if np.issubdtype(x.dtype, np.floating)
+                                                      else x.dtype)) for x in inputs])
+        exact = [t.detach().cpu().numpy() for t in flatten_outputs(out)]
+    except Exception:  # noqa: BLE001  (ops with hard-coded float32 tensors, out of memory)
+        return ()
+    result = []
+    for i in failed:
+        scale = max(1.0, float(np.max(np.abs(exact[i]), initial=0.0)))
+        result.append(Exactness(i, float(np.max(np.abs(expected[i] - exact[i]), initial=0.0)) / scale,
+                                float(np.max(np.abs(got[i] - exact[i]), initial=0.0)) / scale))
+    return tuple(result)
 
 
 def flatten_outputs(value: Any) -> list[torch.Tensor]:
@@ -157,5 +208,7 @@ def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.n
             given = ", ".join(str(tuple(x.shape)) for x in inputs)
             raise ConversionError(f"the converted Keras model fails on the {label} input ({given}), which "
                                   f"PyTorch runs: {where}") from exc
-        report.trials.append(Trial(label, tuple(tuple(x.shape) for x in inputs), compare(expected, got, tol)))
+        diffs = compare(expected, got, tol)
+        report.trials.append(Trial(label, tuple(tuple(x.shape) for x in inputs), diffs,
+                                   exactness(model, inputs, expected, got, diffs)))
     return report
