@@ -119,7 +119,10 @@ def measure(name: str) -> dict:
     folded = convert_model(model, x, check=False, fold_bn=True)
     row = {"model": name, "params": params, "convert_s": seconds, "peak_mb": peak, "nodes": result.facts()["nodes"],
            "transposes": result.transpose_count,
-           "transposes_cl": convert_model(model, x, check=False, channels_last_io=True).transpose_count}
+           "transposes_cl": convert_model(model, x, check=False, channels_last_io=True).transpose_count,
+           "transposes_fold": folded.transpose_count,
+           "transposes_fold_cl": convert_model(model, x, check=False, channels_last_io=True,
+                                               fold_bn=True).transpose_count}
     km, fm, perm = result.keras_model, folded.keras_model, result.input_layouts[0].perm
     b1 = {"torch_b1_ms": _torch_call(model, shape, 1), "keras_b1_ms": _keras_call(km, perm, shape, 1),
           "keras_fold_b1_ms": _keras_call(fm, perm, shape, 1), "xla_fold_b1_ms": _keras_call(fm, perm, shape, 1, True)}
@@ -197,6 +200,7 @@ def _fmt(v, spec: str) -> str:
 COLUMNS = [  # header, width, row key or (numerator, denominator) for a ratio, format
     ("conv s", 7, "convert_s", ".2f"), ("peak MB", 8, "peak_mb", ".0f"), ("nodes", 6, "nodes", "d"),
     ("T def", 6, "transposes", "d"), ("T cl", 5, "transposes_cl", "d"),
+    ("Tf def", 7, "transposes_fold", "d"), ("Tf cl", 6, "transposes_fold_cl", "d"),
     ("torch b1", 9, "torch_b1_ms", ".2f"), ("keras b1", 9, "keras_b1_ms", ".2f"),
     ("k/t b1", 7, ("keras_b1_ms", "torch_b1_ms"), ".2f"),
     ("torch b8", 9, "torch_b8_ms", ".2f"), ("keras b8", 9, "keras_b8_ms", ".2f"),
@@ -217,6 +221,7 @@ def _cell(r: dict, key, spec: str):
 def print_table(rows: list[dict]) -> None:
     """Latencies in ms (median of 30 calls at batch 1, 15 at batch 8, after 5 warm-up ones, interleaved); ratios are Keras or TFLite over PyTorch.
 
+    T def / T cl: Transpose ops with PyTorch-layout / channels-last I/O; Tf: the same for fold_bn=True.
     keras: tf.function of the default conversion; fold: with fold_bn=True; xla: the folded model
     under tf.function(jit_compile=True); tfl: the folded model as TFLite fp32 in LiteRT.
     """

@@ -138,6 +138,16 @@ def test_example_parity_and_transposes(name, channels_last_io):
     assert io_moves <= (0 if channels_last_io else len(result.input_layouts) + len(result.output_layouts))
 
 
+@pytest.mark.parametrize("channels_last_io", [False, True], ids=["nchw_io", "nhwc_io"])
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_inference_conversion_moves_data_only_at_the_io(name, channels_last_io):
+    """fold_bn: BatchNorm folded, branches merged, FBNet-A's shuffles absorbed into the weights:
+    no Transpose with channels-last I/O, at most the input's with PyTorch-layout I/O."""
+    result = assert_converts(_model(name), _sample(name), channels_last_io=channels_last_io, fold_bn=True)
+    assert result.transpose_count == (0 if channels_last_io else EXAMPLES[name][2] - (3 if name == "fbnet_a" else 0))
+    assert not [layer for layer in result.keras_model.layers if "BatchNorm" in type(layer).__name__]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("channels_last_io", [False, True], ids=["nchw_io", "nhwc_io"])
 def test_fbnet_a_at_224(channels_last_io):

@@ -14,6 +14,7 @@ from tracer.errors import UnsupportedOpsError
 from tracer.ir import OP, OpNode, Ref, check_integrity, op, ordered, target_name, update
 from tracer.layout import assign_layouts
 from tracer.optimize import fold_batchnorm, fuse_activations, remove_identities
+from tracer.channel_perm import absorb_channel_permutations
 from tracer.reparam import merge_parallel_convs
 
 
@@ -119,10 +120,10 @@ def passes(channels_last_io: bool, fold_bn: bool = False) -> list[Callable[[nx.D
     """The ordered pass list.
 
     ``fold_bn`` (inference models only) folds BatchNorm into conv/linear, merges parallel conv
-    branches of one input (RepVGG re-parameterization), then folds the BatchNorms that followed
-    a merged sum.
+    branches of one input (RepVGG re-parameterization), folds the BatchNorms that followed a
+    merged sum, and absorbs channel shuffles that feed a conv through per-channel ops into weights.
     """
-    inference = [fold_batchnorm, merge_parallel_convs, fold_batchnorm] if fold_bn else []
+    inference = [fold_batchnorm, merge_parallel_convs, fold_batchnorm, absorb_channel_permutations] if fold_bn else []
     return [functionalize_inplace, expand_tuple_outputs, remove_identities, remove_dead, check_supported,
             *inference, fuse_activations,
             lambda g: assign_layouts(g, channels_last_io)]
