@@ -176,7 +176,8 @@ def convert(model: torch.nn.Module, sample_input: Any, **options: Any) -> Any:
         channels_last_io: inputs/outputs of image maps in NHWC instead of PyTorch's NCHW.
         fold_bn: an inference model: eval-mode BatchNorm folded into the conv/linear before it,
             parallel conv branches of one input summed into one conv (RepVGG-style blocks), the
-            BatchNorm after such a sum folded too (by default every layer stays trainable).
+            BatchNorm after such a sum folded too, channel shuffles absorbed into the weights
+            (by default every layer stays trainable).
         check: run the differential tester (default True).
         n_random: random inputs besides the sample (the last one with another batch size).
         extra_inputs: more input tuples (numpy) to compare on.

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image inputs/outputs in NHWC (TensorFlow's layout) instead of PyTorch's NCHW")
     c.add_argument("--fold-bn", action="store_true",
                    help="inference model: fold BatchNorm into the conv/linear before it and sum parallel "
-                        "conv branches of one input into one conv (RepVGG blocks become one 3x3 conv); "
+                        "conv branches of one input into one conv (RepVGG blocks become one 3x3 conv), absorb "
+                        "channel shuffles into the weights; "
                         "fewer layers, faster. By default every layer stays trainable")
     c.add_argument("--inputs", action="append", default=[], metavar="FILE",
                    help=".npy (one input) or .npz/.pt (several, in order) to also compare on; repeatable")
