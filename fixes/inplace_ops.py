@@ -14,12 +14,11 @@ functionalize in-place ops.
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import networkx as nx
 
 from tracer.errors import ConversionError
-from tracer.ir import OpNode, Ref, op, ordered, update
+from tracer.ir import OpNode, Ref, op, ordered, rewire
 
 # Results that share memory with their first input (torch views and possible views).
 _VIEWS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
@@ -65,7 +64,7 @@ def functionalize_inplace(graph: nx.DiGraph) -> nx.DiGraph:
             continue
         _refuse_view_aliasing(graph, node, src, pos)
         for reader in [r for r in graph.successors(src) if pos[r] > pos[name]]:
-            _rewire(graph, op(graph, reader), src, name)
+            rewire(graph, reader, src, name)
     return graph
 
 
@@ -90,24 +89,3 @@ def _refuse_view_aliasing(graph: nx.DiGraph, node: OpNode, src: str, pos: dict) 
                 f"{node.describe()} modifies in-place memory that {op(graph, member).describe()} also holds "
                 f"(a view), and {op(graph, late[0]).describe()} reads it afterwards; write the op out of "
                 "place (y = x * 2) instead")
-
-
-def _rewire(graph: nx.DiGraph, reader: OpNode, old: str, new: str) -> None:
-    if reader.name == new:
-        return
-    inputs = tuple(dict.fromkeys(new if i == old else i for i in reader.inputs))
-    update(graph, reader.name, inputs=inputs, args=_swap(reader.args, old, new), kw=_swap(reader.kw, old, new))
-    graph.remove_edge(old, reader.name)
-    graph.add_edge(new, reader.name)
-
-
-def _swap(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, Ref):
-        return Ref(new) if value.name == old else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_swap(v, old, new) for v in value)
-    if isinstance(value, dict):
-        return {k: _swap(v, old, new) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_swap(value.start, old, new), _swap(value.stop, old, new), _swap(value.step, old, new))
-    return value

@@ -11,7 +11,7 @@ from emitter.batchnorm import BatchNormalization, worth_fusing
 from emitter.context import Emit
 from op_rules.common import call_with_weights, param, trainable, weight_of
 from op_rules.registry import Layout, rule
-from tracer.ir import OpNode
+from tracer.ir import OpNode, sole_user
 
 
 @rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm, layout=Layout.CHANNELS_LAST)
@@ -47,6 +47,6 @@ def _after_conv(node: OpNode, ctx: Emit) -> bool:
     """Whether ``node`` follows a plain 2-D conv it alone reads: grappler fuses those two."""
     prev = ctx.graph.nodes[node.inputs[0]]["op"]
     m = prev.module
-    if not isinstance(m, nn.Conv2d) or len(list(ctx.graph.successors(prev.name))) != 1:
+    if not isinstance(m, nn.Conv2d) or sole_user(ctx.graph, prev.name) != node.name:
         return False
     return not (m.groups > 1 and m.groups == m.in_channels)

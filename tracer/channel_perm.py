@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from op_rules.shape import _permute_dims
-from tracer.ir import OpNode, op, ordered, set_op
-from tracer.optimize import _compact_order, _rule_name, _sole_user, keras_activation, replace_uses
+from tracer.ir import OpNode, compact_order, op, ordered, set_op, sole_user
+from tracer.optimize import _rule_name, keras_activation, replace_uses
 
 _MOVES = ("reshape", "permute")
 
@@ -32,7 +32,7 @@ def _chain_back(graph: nx.DiGraph, end: OpNode) -> list[OpNode] | None:
         src = op(graph, chain[0].inputs[0]) if len(chain[0].inputs) == 1 else None
         if src is None:
             return None
-        if _rule_name(src) in _MOVES and _sole_user(graph, src.name) == chain[0].name:
+        if _rule_name(src) in _MOVES and sole_user(graph, src.name) == chain[0].name:
             chain.insert(0, src)
             continue
         return chain if src.shape == end.shape and len(chain) >= 2 else None
@@ -75,7 +75,7 @@ def _chain_forward(graph: nx.DiGraph, end: OpNode) -> tuple[list[OpNode], OpNode
     """Per-channel nodes after ``end`` (each the sole reader of the one before) and the conv they feed."""
     channels, ops, cur = end.shape[1], [], end
     while True:
-        user = _sole_user(graph, cur.name)
+        user = sole_user(graph, cur.name)
         if user is None:
             return None
         node = op(graph, user)
@@ -137,4 +137,4 @@ def absorb_channel_permutations(graph: nx.DiGraph) -> nx.DiGraph:
         set_op(graph, replace(conv, module=_densified(conv.module, sigma), notes=(*conv.notes, note)))
         replace_uses(graph, end.name, chain[0].inputs[0])
         graph.remove_nodes_from([n.name for n in chain])
-    return _compact_order(graph)
+    return compact_order(graph)

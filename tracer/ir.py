@@ -142,6 +142,42 @@ def update(graph: nx.DiGraph, name: str, **changes: Any) -> OpNode:
     return new
 
 
+def swap_refs(value: Any, old: str, new: str) -> Any:
+    """``value`` (node arguments: nested tuples, lists, dicts, slices) with ``Ref(old)`` read as ``Ref(new)``."""
+    if isinstance(value, Ref):
+        return Ref(new) if value.name == old else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(swap_refs(v, old, new) for v in value)
+    if isinstance(value, dict):
+        return {k: swap_refs(v, old, new) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(*(swap_refs(v, old, new) for v in (value.start, value.stop, value.step)))
+    return value
+
+
+def rewire(graph: nx.DiGraph, reader: str, old: str, new: str) -> None:
+    """``reader`` reads ``new`` where it read ``old`` (inputs, arguments and the edge); a node never reads itself."""
+    if reader == new:
+        return
+    node = op(graph, reader)
+    inputs = tuple(dict.fromkeys(new if i == old else i for i in node.inputs))
+    set_op(graph, replace(node, inputs=inputs, args=swap_refs(node.args, old, new), kw=swap_refs(node.kw, old, new)))
+    graph.remove_edge(old, reader)
+    graph.add_edge(new, reader)
+
+
+def sole_user(graph: nx.DiGraph, name: str) -> str | None:
+    """The one node reading ``name``, or None when it has no reader or several."""
+    users = list(graph.successors(name))
+    return users[0] if len(users) == 1 else None
+
+
+def compact_order(graph: nx.DiGraph) -> nx.DiGraph:
+    """Drop removed nodes from the graph's 'order' attribute (after a pass deleted some)."""
+    graph.graph["order"] = [n for n in graph.graph["order"] if n in graph]
+    return graph
+
+
 def ordered(graph: nx.DiGraph) -> list[OpNode]:
     """Nodes in capture order (a topological order the graph keeps in its 'order' attribute)."""
     order = graph.graph["order"]

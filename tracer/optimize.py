@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import replace
-from typing import Any
 
 import networkx as nx
 import torch
@@ -18,32 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from op_rules.registry import lookup
-from tracer.ir import OpNode, Ref, op, ordered, set_op
+from tracer.ir import OpNode, Ref, compact_order, op, ordered, rewire, set_op, sole_user
 
 
 # ---- graph surgery -------------------------------------------------------------------------
 
-def _swap_refs(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, Ref):
-        return Ref(new) if value.name == old else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_swap_refs(v, old, new) for v in value)
-    if isinstance(value, dict):
-        return {k: _swap_refs(v, old, new) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(*(_swap_refs(v, old, new) for v in (value.start, value.stop, value.step)))
-    return value
-
-
 def replace_uses(graph: nx.DiGraph, old: str, new: str) -> None:
     """Every consumer of ``old`` reads ``new`` instead (arguments, inputs and edges)."""
     for user in list(graph.successors(old)):
-        node = op(graph, user)
-        inputs = tuple(dict.fromkeys(new if i == old else i for i in node.inputs))
-        set_op(graph, replace(node, inputs=inputs, args=_swap_refs(node.args, old, new),
-                              kw=_swap_refs(node.kw, old, new)))
-        graph.remove_edge(old, user)
-        graph.add_edge(new, user)
+        rewire(graph, user, old, new)
 
 
 def absorb(graph: nx.DiGraph, first: OpNode, last: OpNode, merged: OpNode, note: str) -> None:
@@ -56,11 +38,6 @@ def absorb(graph: nx.DiGraph, first: OpNode, last: OpNode, merged: OpNode, note:
     set_op(graph, merged)
 
 
-def _sole_user(graph: nx.DiGraph, name: str) -> str | None:
-    users = list(graph.successors(name))
-    return users[0] if len(users) == 1 else None
-
-
 def _rule_name(node: OpNode) -> str | None:
     """The built-in rule handling ``node`` ("conv", "linear", ...); None for user or override rules."""
     r = lookup(node.target)
@@ -69,11 +46,6 @@ def _rule_name(node: OpNode) -> str | None:
 
 _BUILTIN = {"identity": "op_rules.linear", "linear": "op_rules.linear", "reshape": "op_rules.shape",
             "permute": "op_rules.shape", "conv": "op_rules.conv", "batch_norm": "op_rules.norm"}
-
-
-def _compact_order(graph: nx.DiGraph) -> nx.DiGraph:
-    graph.graph["order"] = [n for n in graph.graph["order"] if n in graph]
-    return graph
 
 
 # ---- identity and no-op removal --------------------------------------------------------------
@@ -116,7 +88,7 @@ def remove_identities(graph: nx.DiGraph) -> nx.DiGraph:
         if _passes_through(graph, node):
             replace_uses(graph, node.name, node.inputs[0])
             graph.remove_node(node.name)
-    return _compact_order(graph)
+    return compact_order(graph)
 
 
 # ---- BatchNorm folding (inference only) ------------------------------------------------------
@@ -128,7 +100,7 @@ def _foldable_producer(graph: nx.DiGraph, bn: OpNode) -> OpNode | None:
     if not m.track_running_stats or m.running_mean is None:
         return None
     prev = op(graph, bn.inputs[0])
-    if prev.kind != "call_module" or _sole_user(graph, prev.name) != bn.name:
+    if prev.kind != "call_module" or sole_user(graph, prev.name) != bn.name:
         return None
     if _rule_name(prev) == "conv" and isinstance(prev.module, nn.modules.conv._ConvNd):
         return prev if not prev.module.transposed and prev.module.out_channels == m.num_features else None
@@ -170,7 +142,7 @@ def fold_batchnorm(graph: nx.DiGraph) -> nx.DiGraph:
             continue
         merged = replace(prev, module=folded_module(prev.module, bn.module))
         absorb(graph, prev, bn, merged, f"BatchNorm {bn.module_path or bn.name} folded into this layer (fold_bn)")
-    return _compact_order(graph)
+    return compact_order(graph)
 
 
 # ---- activation fusion ----------------------------------------------------------------------
@@ -208,8 +180,8 @@ def fuse_activations(graph: nx.DiGraph) -> nx.DiGraph:
             continue
         prev = op(graph, act.inputs[0])
         if (_rule_name(prev) not in ("conv", "linear") or prev.kw.get("fused_activation")
-                or _sole_user(graph, prev.name) != act.name):
+                or sole_user(graph, prev.name) != act.name):
             continue
         merged = replace(prev, kw={**prev.kw, "fused_activation": name})
         absorb(graph, prev, act, merged, f"activation {name} ({act.name}) fused into this layer")
-    return _compact_order(graph)
+    return compact_order(graph)

@@ -20,8 +20,8 @@ import networkx as nx
 import torch
 import torch.nn as nn
 
-from tracer.ir import OpNode, Ref, op, ordered, set_op
-from tracer.optimize import _compact_order, _rule_name, _sole_user
+from tracer.ir import OpNode, Ref, compact_order, op, ordered, set_op, sole_user
+from tracer.optimize import _rule_name
 
 _ADD = {operator.add, torch.add, "add"}
 
@@ -100,7 +100,7 @@ def branches_of(graph: nx.DiGraph, name: str, add: str) -> list[Branch]:
     channels = node.shape[1] if node.rank >= 2 else None
     found = [Branch(None, name, torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
              ] if channels else []
-    if _sole_user(graph, name) == add:
+    if sole_user(graph, name) == add:
         b = _conv_branch(node) or _bn_branch(node)
         found += [b] if b is not None else []
     return found
@@ -188,4 +188,4 @@ def merge_parallel_convs(graph: nx.DiGraph) -> nx.DiGraph:
     for name in [n.name for n in ordered(graph)]:
         if name in graph and _is_add(op(graph, name)):
             _merge(graph, op(graph, name))
-    return _compact_order(graph)
+    return compact_order(graph)
