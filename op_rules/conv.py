@@ -38,6 +38,17 @@ class ConvSpec:
         return self.weight.ndim - 2
 
 
+def conv_pads(padding, kernel: tuple, dilation: tuple) -> tuple[tuple[int, int], ...]:
+    """PyTorch's conv ``padding`` ('valid', 'same', an int or a tuple) as (before, after) per spatial dim."""
+    n = len(kernel)
+    if padding == "valid":
+        return ((0, 0),) * n
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(ntuple(dilation, n), kernel)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    return tuple((p, p) for p in ntuple(padding, n))
+
+
 def conv_spec(node: OpNode, ctx: Emit, transposed: bool = False) -> ConvSpec:
     weight = weight_of(node, ctx, "weight")
     if weight is None:
@@ -46,14 +57,7 @@ def conv_spec(node: OpNode, ctx: Emit, transposed: bool = False) -> ConvSpec:
     kernel = weight.shape[2:]
     stride = ntuple(param(node, "stride", 1), n)
     dilation = ntuple(param(node, "dilation", 1), n)
-    padding = param(node, "padding", 0)
-    if padding == "valid":
-        pads = ((0, 0),) * n
-    elif padding == "same":
-        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-        pads = tuple((t // 2, t - t // 2) for t in total)
-    else:
-        pads = tuple((p, p) for p in ntuple(padding, n))
+    pads = conv_pads(param(node, "padding", 0), kernel, dilation)
     return ConvSpec(weight=weight, bias=weight_of(node, ctx, "bias"), stride=stride, pads=pads,
                     dilation=dilation, groups=int(param(node, "groups", 1)),
                     padding_mode=param(node, "padding_mode", "zeros"),

@@ -61,7 +61,7 @@ def _moves_batch(in_shape: tuple, out_shape: tuple) -> bool:
     return bool(in_shape) and bool(out_shape) and in_shape[0] != 1 and out_shape[0] == 1
 
 
-def _permute_dims(node: OpNode, rank: int) -> tuple[int, ...]:
+def permute_dims(node: OpNode, rank: int) -> tuple[int, ...]:
     if node.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
         a = node.kw.get("dim0", node.kw.get("axis0", node.args[1] if len(node.args) > 1 else None))
         b = node.kw.get("dim1", node.kw.get("axis1", node.args[2] if len(node.args) > 2 else None))
@@ -74,7 +74,7 @@ def _permute_dims(node: OpNode, rank: int) -> tuple[int, ...]:
 def _permute_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     rank = len(shapes[0])
     phys = ins[0] if ins[0] is not None and ins[0].flat is None else Phys.identity(rank)
-    return [phys], permute_layout(phys, _permute_dims(node, rank))
+    return [phys], permute_layout(phys, permute_dims(node, rank))
 
 
 @rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", torch.swapaxes, layout=_permute_layout)

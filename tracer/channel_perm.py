@@ -11,16 +11,15 @@ Results change by fp32 rounding at most; the model's modules are not changed.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import networkx as nx
 import torch
 import torch.nn as nn
 
-from op_rules.shape import _permute_dims
+from op_rules.shape import permute_dims
 from tracer.ir import OpNode, compact_order, op, ordered, set_op, sole_user
-from tracer.optimize import _rule_name, keras_activation, replace_uses
+from tracer.optimize import builtin_rule, keras_activation, module_copy, replace_uses
 
 _MOVES = ("reshape", "permute")
 
@@ -32,7 +31,7 @@ def _chain_back(graph: nx.DiGraph, end: OpNode) -> list[OpNode] | None:
         src = op(graph, chain[0].inputs[0]) if len(chain[0].inputs) == 1 else None
         if src is None:
             return None
-        if _rule_name(src) in _MOVES and sole_user(graph, src.name) == chain[0].name:
+        if builtin_rule(src) in _MOVES and sole_user(graph, src.name) == chain[0].name:
             chain.insert(0, src)
             continue
         return chain if src.shape == end.shape and len(chain) >= 2 else None
@@ -47,7 +46,7 @@ def channel_permutation(graph: nx.DiGraph, chain: list[OpNode]) -> torch.Tensor 
     start = torch.arange(int(torch.Size(shape).numel())).reshape(shape)  # every element its own number
     t = start
     for node in chain:
-        t = t.reshape(node.shape) if _rule_name(node) == "reshape" else t.permute(*_permute_dims(node, t.dim()))
+        t = t.reshape(node.shape) if builtin_rule(node) == "reshape" else t.permute(*permute_dims(node, t.dim()))
     if tuple(t.shape) != tuple(shape):
         return None
     sigma = t[(0, slice(None), *[0] * (len(shape) - 2))] // int(torch.Size(shape[2:]).numel())
@@ -58,16 +57,16 @@ def channel_permutation(graph: nx.DiGraph, chain: list[OpNode]) -> torch.Tensor 
 
 def _per_channel(node: OpNode, channels: int) -> bool:
     m = node.module
-    if _rule_name(node) == "conv" and isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+    if builtin_rule(node) == "conv" and isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
         return m.groups == m.in_channels == m.out_channels == channels
-    if _rule_name(node) == "batch_norm":
+    if builtin_rule(node) == "batch_norm":
         return m is not None and m.num_features == channels and m.running_mean is not None
     return node.kind.startswith("call") and keras_activation(node) is not None
 
 
 def _plain_conv(node: OpNode) -> bool:
     m = node.module
-    return (_rule_name(node) == "conv" and isinstance(m, nn.modules.conv._ConvNd) and not m.transposed
+    return (builtin_rule(node) == "conv" and isinstance(m, nn.modules.conv._ConvNd) and not m.transposed
             and m.padding_mode == "zeros" and len(node.inputs) == 1)
 
 
@@ -89,16 +88,12 @@ def _chain_forward(graph: nx.DiGraph, end: OpNode) -> tuple[list[OpNode], OpNode
 def _relabelled(node: OpNode, inv: torch.Tensor) -> OpNode:
     """``node`` computing channel ``c`` as it computed channel ``inv[c]``."""
     m = node.module
-    if m is None or _rule_name(node) not in ("conv", "batch_norm"):
+    if m is None or builtin_rule(node) not in ("conv", "batch_norm"):
         return node  # a parameter-free activation
-    new = copy.copy(m)
-    new._parameters, new._buffers = dict(m._parameters), dict(m._buffers)
-    for store in (new._parameters, new._buffers):
-        for k, v in store.items():
-            if v is not None and v.dim() >= 1 and v.shape[0] == inv.numel():
-                store[k] = type(v)(v.detach()[inv].clone(), requires_grad=v.requires_grad) \
-                    if isinstance(v, nn.Parameter) else v[inv].clone()
-    return replace(node, module=new)
+    def per_channel(store: dict) -> dict:
+        return {k: v.detach()[inv].clone() for k, v in store.items()
+                if v is not None and v.dim() >= 1 and v.shape[0] == inv.numel()}
+    return replace(node, module=module_copy(m, per_channel(m._parameters), per_channel(m._buffers)))
 
 
 def _densified(conv: nn.modules.conv._ConvNd, sigma: torch.Tensor) -> nn.Module:
@@ -110,18 +105,14 @@ def _densified(conv: nn.modules.conv._ConvNd, sigma: torch.Tensor) -> nn.Module:
         dense[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] = w[g * out_per:(g + 1) * out_per]
     moved = torch.empty_like(dense)
     moved[:, sigma] = dense
-    new = copy.copy(conv)
-    new._parameters = dict(conv._parameters)
-    new._parameters["weight"] = nn.Parameter(moved, requires_grad=conv.weight.requires_grad)
-    new.groups = 1
-    return new
+    return module_copy(conv, {"weight": moved}, groups=1)
 
 
 def absorb_channel_permutations(graph: nx.DiGraph) -> nx.DiGraph:
     """Channel shuffles whose channels reach a conv through per-channel ops move no data (inference only)."""
     for name in [n.name for n in ordered(graph)]:
         end = op(graph, name) if name in graph else None
-        if end is None or _rule_name(end) != "reshape" or end.rank < 3:
+        if end is None or builtin_rule(end) != "reshape" or end.rank < 3:
             continue
         chain = _chain_back(graph, end)
         sigma = channel_permutation(graph, chain) if chain else None

@@ -38,7 +38,7 @@ def absorb(graph: nx.DiGraph, first: OpNode, last: OpNode, merged: OpNode, note:
     set_op(graph, merged)
 
 
-def _rule_name(node: OpNode) -> str | None:
+def builtin_rule(node: OpNode) -> str | None:
     """The built-in rule handling ``node`` ("conv", "linear", ...); None for user or override rules."""
     r = lookup(node.target)
     return r.name if r is not None and r.fn.__module__ == _BUILTIN.get(r.name) else None
@@ -61,7 +61,7 @@ def _passes_through(graph: nx.DiGraph, node: OpNode) -> bool:
     src = op(graph, node.inputs[0])
     if src.is_constant or src.shape != node.shape or src.dtype != node.dtype:
         return False
-    rule = _rule_name(node)
+    rule = builtin_rule(node)
     if rule == "identity":
         return True
     if rule == "reshape":
@@ -94,7 +94,7 @@ def remove_identities(graph: nx.DiGraph) -> nx.DiGraph:
 # ---- BatchNorm folding (inference only) ------------------------------------------------------
 
 def _foldable_producer(graph: nx.DiGraph, bn: OpNode) -> OpNode | None:
-    if bn.kind != "call_module" or _rule_name(bn) != "batch_norm" or not bn.inputs:
+    if bn.kind != "call_module" or builtin_rule(bn) != "batch_norm" or not bn.inputs:
         return None
     m = bn.module
     if not m.track_running_stats or m.running_mean is None:
@@ -102,32 +102,52 @@ def _foldable_producer(graph: nx.DiGraph, bn: OpNode) -> OpNode | None:
     prev = op(graph, bn.inputs[0])
     if prev.kind != "call_module" or sole_user(graph, prev.name) != bn.name:
         return None
-    if _rule_name(prev) == "conv" and isinstance(prev.module, nn.modules.conv._ConvNd):
+    if builtin_rule(prev) == "conv" and isinstance(prev.module, nn.modules.conv._ConvNd):
         return prev if not prev.module.transposed and prev.module.out_channels == m.num_features else None
-    if _rule_name(prev) == "linear" and isinstance(prev.module, nn.Linear) and bn.rank == 2:
+    if builtin_rule(prev) == "linear" and isinstance(prev.module, nn.Linear) and bn.rank == 2:
         return prev if prev.module.out_features == m.num_features else None
     return None
 
 
-def folded_module(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    """A copy of ``layer`` (conv or linear) computing ``bn(layer(x))`` in eval mode; ``layer`` is untouched."""
+def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode ``bn`` as ``scale * x + shift`` per channel, in float64."""
     with torch.no_grad():
-        w = layer.weight.detach().double()
-        b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
         scale = (bn.running_var.double() + bn.eps).rsqrt()
         if bn.weight is not None:
             scale = scale * bn.weight.detach().double()
         shift = -bn.running_mean.double() * scale
         if bn.bias is not None:
             shift = shift + bn.bias.detach().double()
+    return scale, shift
+
+
+def module_copy(m: nn.Module, params: dict, buffers: dict | None = None, trainable: bool | None = None,
+                **attrs) -> nn.Module:
+    """A shallow copy of ``m`` with ``params`` (each cast to the dtype of the one it replaces, else of the
+    weight; trainable like it, or as ``trainable`` says), ``buffers`` and ``attrs`` replaced. ``m`` is untouched."""
+    new = copy.copy(m)
+    new._parameters, new._buffers = dict(m._parameters), dict(m._buffers)
+    for k, v in params.items():
+        old = m._parameters.get(k)
+        like = old if old is not None else m.weight
+        grad = like.requires_grad if trainable is None else trainable
+        new._parameters[k] = nn.Parameter(v.detach().to(like.dtype), requires_grad=grad)
+    new._buffers.update(buffers or {})
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    return new
+
+
+def folded_module(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """A copy of ``layer`` (conv or linear) computing ``bn(layer(x))`` in eval mode; ``layer`` is untouched."""
+    scale, shift = bn_affine(bn)
+    with torch.no_grad():
+        w = layer.weight.detach().double()
+        b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
         dtype = layer.weight.dtype
         new_w = (w * scale.reshape(-1, *[1] * (w.ndim - 1))).to(dtype)
         new_b = (b * scale + shift).to(dtype)
-    fused = copy.copy(layer)
-    fused._parameters = dict(layer._parameters)
-    fused._parameters["weight"] = nn.Parameter(new_w, requires_grad=layer.weight.requires_grad)
-    fused._parameters["bias"] = nn.Parameter(new_b, requires_grad=layer.weight.requires_grad)
-    return fused
+    return module_copy(layer, {"weight": new_w, "bias": new_b}, trainable=layer.weight.requires_grad)
 
 
 def fold_batchnorm(graph: nx.DiGraph) -> nx.DiGraph:
@@ -179,7 +199,7 @@ def fuse_activations(graph: nx.DiGraph) -> nx.DiGraph:
         if name is None:
             continue
         prev = op(graph, act.inputs[0])
-        if (_rule_name(prev) not in ("conv", "linear") or prev.kw.get("fused_activation")
+        if (builtin_rule(prev) not in ("conv", "linear") or prev.kw.get("fused_activation")
                 or sole_user(graph, prev.name) != act.name):
             continue
         merged = replace(prev, kw={**prev.kw, "fused_activation": name})

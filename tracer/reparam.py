@@ -12,7 +12,6 @@ value, so per-node comparisons still line up; the model's modules are not change
 """
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass, replace
 
@@ -21,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from tracer.ir import OpNode, Ref, compact_order, op, ordered, set_op, sole_user
-from tracer.optimize import _rule_name
+from op_rules.conv import conv_pads
+from tracer.optimize import bn_affine, builtin_rule, module_copy
 
 _ADD = {operator.add, torch.add, "add"}
 
@@ -55,25 +55,16 @@ def _is_add(node: OpNode) -> bool:
             and node.kw.get("alpha", 1) == 1 and node.shape is not None)
 
 
-def _conv_padding(m: nn.modules.conv._ConvNd) -> tuple | None:
-    n = len(m.kernel_size)
-    if m.padding == "valid":
-        return (0,) * n
-    if m.padding == "same":
-        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
-    return tuple(m.padding)
-
-
 def _conv_branch(node: OpNode) -> Branch | None:
     m = node.module
-    if (node.kind != "call_module" or _rule_name(node) != "conv" or not isinstance(m, nn.modules.conv._ConvNd)
+    if (node.kind != "call_module" or builtin_rule(node) != "conv" or not isinstance(m, nn.modules.conv._ConvNd)
             or m.transposed or m.padding_mode != "zeros" or len(node.inputs) != 1):
         return None
-    pads = _conv_padding(m)
+    pads = conv_pads(m.padding, m.kernel_size, m.dilation)
     halves = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-    if pads is None or any(h % 2 for h in halves):
+    if any(p != q for p, q in pads) or any(h % 2 for h in halves):
         return None
+    pads = tuple(p for p, _ in pads)
     w = m.weight.detach().double()
     b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     return Branch(node.name, node.inputs[0], w, b, tuple(m.stride), tuple(m.dilation), int(m.groups),
@@ -82,16 +73,10 @@ def _conv_branch(node: OpNode) -> Branch | None:
 
 def _bn_branch(node: OpNode) -> Branch | None:
     m = node.module
-    if (node.kind != "call_module" or _rule_name(node) != "batch_norm" or len(node.inputs) != 1
+    if (node.kind != "call_module" or builtin_rule(node) != "batch_norm" or len(node.inputs) != 1
             or not m.track_running_stats or m.running_mean is None):
         return None
-    scale = (m.running_var.double() + m.eps).rsqrt()
-    if m.weight is not None:
-        scale = scale * m.weight.detach().double()
-    shift = -m.running_mean.double() * scale
-    if m.bias is not None:
-        shift = shift + m.bias.detach().double()
-    return Branch(node.name, node.inputs[0], scale, shift)
+    return Branch(node.name, node.inputs[0], *bn_affine(m))
 
 
 def branches_of(graph: nx.DiGraph, name: str, add: str) -> list[Branch]:
@@ -145,15 +130,10 @@ def merged_module(a: Branch, b: Branch) -> nn.Module | None:
     if any((size[i] - s[i]) % 2 for s in sizes for i in range(n)):
         return None
     weight = _kernel(a, size, groups, m.in_channels) + _kernel(b, size, groups, m.in_channels)
-    fused = copy.copy(m)
-    fused._parameters = dict(m._parameters)
-    trainable = m.weight.requires_grad
-    fused._parameters["weight"] = nn.Parameter(weight.to(m.weight.dtype), requires_grad=trainable)
-    fused._parameters["bias"] = nn.Parameter((a.bias + b.bias).to(m.weight.dtype), requires_grad=trainable)
-    fused.kernel_size = size
-    fused.padding = tuple(o + d * (k - 1) // 2 for o, d, k in zip(offset, dilation, size))
-    fused._reversed_padding_repeated_twice = [p for p in reversed(fused.padding) for _ in range(2)]
-    return fused
+    padding = tuple(o + d * (k - 1) // 2 for o, d, k in zip(offset, dilation, size))
+    return module_copy(m, {"weight": weight, "bias": a.bias + b.bias}, trainable=m.weight.requires_grad,
+                       kernel_size=size, padding=padding,
+                       _reversed_padding_repeated_twice=[p for p in reversed(padding) for _ in range(2)])
 
 
 def _merge(graph: nx.DiGraph, add: OpNode) -> bool:
