@@ -158,31 +158,26 @@ def test_multihead_attention_kdim_vdim(batch_first):
     converts(KeyValueWidths(batch_first), x, memory[..., :6], rand(*memory.shape[:2], 5, seed=2))
 
 
+class Padded(nn.Module):
+    """Self-attention with the key padding mask as a second input (and ``options`` for the call)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.options = options
+
+    def forward(self, x, pad):
+        return self.attn(x, x, x, key_padding_mask=pad, **self.options)[0]
+
+
 def test_multihead_attention_key_padding_mask():
     """A boolean padding mask as an input: compared on the sample only, where no row is fully masked."""
-    class Padded(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
-
-        def forward(self, x, pad):
-            return self.attn(x, x, x, key_padding_mask=pad, attn_mask=CAUSAL, need_weights=False)[0]
-
     pad = torch.tensor([[False] * (L - 2) + [True] * 2, [False] * L])
-    converts(Padded(), rand(B, L, E), pad, n_random=0)
+    converts(Padded(attn_mask=CAUSAL, need_weights=False), rand(B, L, E), pad, n_random=0)
 
 
 def test_multihead_attention_float_padding_mask():
-    class Padded(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
-
-        def forward(self, x, pad):
-            return self.attn(x, x, x, key_padding_mask=pad)[0]
-
     converts(Padded(), rand(B, L, E), rand(B, L, seed=5))
 
 
