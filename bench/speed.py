@@ -137,7 +137,7 @@ def measure(name: str) -> dict:
 
 def _tflite_call(keras_model, x):
     try:
-        from emitter.tflite import export_tflite
+        from tracer.emitter.tflite import export_tflite
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         return None

@@ -25,7 +25,7 @@ from typing import Any
 
 import keras
 
-from emitter.layers import PACKAGE
+from tracer.emitter.layers import PACKAGE
 
 
 def worth_fusing(after_conv: bool, sample_shape: tuple) -> bool:

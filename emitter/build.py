@@ -6,9 +6,9 @@ from typing import Any, Callable
 import keras
 import networkx as nx
 
-from emitter.context import Emit
-from fixes.deep_graphs import recursion_room
-from op_rules.registry import lookup
+from tracer.emitter.context import Emit
+from tracer.fixes.deep_graphs import recursion_room
+from tracer.op_rules.registry import lookup
 from tracer.errors import ConversionError, TracerError
 from tracer.ir import OpNode, Ref, ordered
 

@@ -16,7 +16,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from emitter import layers as L
+from tracer.emitter import layers as L
 from tracer.ir import OpNode, Phys, Ref, op
 
 

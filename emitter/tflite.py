@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from fixes.tflite_axis_linear_map import axis_linear_map_matmul
-from fixes.tflite_conv3d import conv3d_for_litert
-from fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as_conv
-from fixes.tflite_erf import erf_builtin
-from fixes.tflite_high_rank_pad import high_rank_pad_as_3d
+from tracer.fixes.tflite_axis_linear_map import axis_linear_map_matmul
+from tracer.fixes.tflite_conv3d import conv3d_for_litert
+from tracer.fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as_conv
+from tracer.fixes.tflite_erf import erf_builtin
+from tracer.fixes.tflite_high_rank_pad import high_rank_pad_as_3d
 from tracer.errors import ConversionError, InputError, TracerError
 from tracer.ir import Phys
 

@@ -142,8 +142,8 @@ class Row:
 def evaluate(model: DigitsNet, data: Digits, kinds=KINDS, int8_io: bool = False) -> tuple[list[Row], object]:
     """Convert (with LiteRT parity through tracer), then score every variant on the test split."""
     from tracer import convert_model
-    from tracer.litert_check import LiteRTRunner, keras_input_names
-    from tracer.parity import run_keras, run_torch
+    from tracer.verify.litert import LiteRTRunner, keras_input_names
+    from tracer.verify.parity import run_keras, run_torch
 
     result = convert_model(model, torch.from_numpy(data.x_test[:1]), tflite=kinds, calib=data.x_train[:CALIB],
                            int8_io=int8_io)
@@ -205,7 +205,7 @@ def main() -> None:
     tf.get_logger().setLevel("ERROR")  # Keras' eager convolutions on several batch sizes log retracing warnings
     rows, result = run(args.epochs, args.seed, int8_io=args.int8_io)
     if args.out:
-        from emitter.save import save_outputs
+        from tracer.emitter.save import save_outputs
         report = {"table": [r.__dict__ for r in rows],
                   "tflite": {k: r.to_dict() for k, r in result.tflite_reports.items()}}
         files = {f"model_{k}.tflite": b for k, b in result.tflite.items()}

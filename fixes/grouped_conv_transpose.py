@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import keras
 
-from emitter import layers as L
+from tracer.emitter import layers as L
 
 
 def grouped_conv_transpose(x: Any, spec: Any, extra: tuple, name: str, build_one: Callable) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import keras
 
-from emitter import layers as L
+from tracer.emitter import layers as L
 
 
 def strided_dilated(stride: tuple, dilation: tuple) -> bool:

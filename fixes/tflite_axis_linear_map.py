@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from keras import ops
 
-from emitter.layers import AxisLinearMap
+from tracer.emitter.layers import AxisLinearMap
 
 
 def axis_linear_map_matmul(operation: Any) -> Callable | None:

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from fixes.tflite_conv3d import dilate_kernel
+from tracer.fixes.tflite_conv3d import dilate_kernel
 
 _TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
 

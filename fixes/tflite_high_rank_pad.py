@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from keras import ops
 
-from emitter.layers import TorchPad
+from tracer.emitter.layers import TorchPad
 
 MAX_PAD_RANK = 5  # TFLite PAD / PADV2
 

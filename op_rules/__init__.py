@@ -2,19 +2,19 @@
 
 Public API for users adding their own layers::
 
-    from op_rules import rule, Layout
+    from tracer.op_rules import rule, Layout
     from tracer.ir import OpNode
 
     @rule(MyLayer, layout=Layout.ANY)
     def my_layer(node: OpNode, ctx) -> "KerasTensor":
         return keras.ops.tanh(ctx.input(node, 0)) * node.module.scale
 """
-from op_rules.registry import Layout, Rule, all_targets, lookup, register, rule, unregister
+from tracer.op_rules.registry import Layout, Rule, all_targets, lookup, register, rule, unregister
 
 # rule families register themselves on import
-from op_rules import activation, conv, elementwise, linear, norm, pooling, reduce, resize, shape  # noqa: E402,F401
-from op_rules import misc_ops  # noqa: E402,F401
-from op_rules import attention, matmul, norm_layers, tensor_ops  # noqa: E402,F401
-from op_rules import aten  # noqa: E402,F401  (last: maps ATen ops onto the rules above)
+from tracer.op_rules import activation, conv, elementwise, linear, norm, pooling, reduce, resize, shape  # noqa: E402,F401
+from tracer.op_rules import misc_ops  # noqa: E402,F401
+from tracer.op_rules import attention, matmul, norm_layers, tensor_ops  # noqa: E402,F401
+from tracer.op_rules import aten  # noqa: E402,F401  (last: maps ATen ops onto the rules above)
 
 __all__ = ["Layout", "Rule", "all_targets", "lookup", "register", "rule", "unregister"]

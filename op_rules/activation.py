@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter.context import Emit
-from op_rules.common import call_with_weights, param, weight_of
-from op_rules.elementwise import scale
-from op_rules.registry import Layout, register, rule
+from tracer.emitter.context import Emit
+from tracer.op_rules.common import call_with_weights, param, weight_of
+from tracer.op_rules.elementwise import scale
+from tracer.op_rules.registry import Layout, register, rule
 from tracer.ir import OpNode
 
 

@@ -1,4 +1,4 @@
-"""ATen ops, the operations of torch.export graphs (tracer/capture_export.py).
+"""ATen ops, the operations of torch.export graphs (tracer/capture/export.py).
 
 Each ATen op is mapped onto the rule of its torch-level counterpart: the node is rewritten into
 the form that rule reads (its target, named arguments, input order) and that rule does the work,
@@ -6,7 +6,7 @@ its layout declaration included, so the math is written once. Capture names an A
 arguments from its schema (input, weight, stride, ...), mostly torch.nn.functional's names.
 Ops returning a tuple of which inference uses only the first element (``native_layer_norm``:
 output, mean, rstd; ``max_pool2d_with_indices``) are put back into their one-output forms at
-capture (tracer/capture_export.py). Written directly here: only what no torch-level rule
+capture (tracer/capture/export.py). Written directly here: only what no torch-level rule
 expresses (``addmm`` and ``mm`` with a constant matrix become a Linear; dtype casts).
 
 This module is imported after every other rule family (see op_rules/__init__.py): an ATen op is
@@ -24,10 +24,10 @@ import keras
 import torch
 import torch.nn.functional as F
 
-from emitter.context import Emit
-from op_rules.registry import Layout, lookup, register
+from tracer.emitter.context import Emit
+from tracer.op_rules.registry import Layout, lookup, register
 from tracer.ir import OpNode, Phys, Ref
-from tracer.layout import same_layout
+from tracer.passes.layout import same_layout
 
 aten = torch.ops.aten
 _BIG = 2 ** 62  # slice ends at or past this mean "to the end" (ATen writes sys.maxsize)
@@ -94,7 +94,7 @@ def alias(targets: tuple, base: Any, rewrite: Rewrite | None = None, **kw_change
 
 
 def infer_with(policy: Any, node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
-    """What tracer.layout.infer does for one rule's policy, for a rewritten node."""
+    """What tracer.passes.layout.infer does for one rule's policy, for a rewritten node."""
     ranks = [len(s) for s in shapes]
     out_rank = node.rank if node.shape is not None else len(next(s for s in node.structure if s is not None))
     if policy is Layout.TORCH:

@@ -17,11 +17,11 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter.context import Emit, to_numpy
-from op_rules.common import call_with_weights, trainable
-from op_rules.elementwise import scale
-from op_rules.norm_layers import layer_norm_module
-from op_rules.registry import Layout, rule
+from tracer.emitter.context import Emit, to_numpy
+from tracer.op_rules.common import call_with_weights, trainable
+from tracer.op_rules.elementwise import scale
+from tracer.op_rules.norm_layers import layer_norm_module
+from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys, Ref
 
 

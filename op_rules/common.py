@@ -6,8 +6,8 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from emitter import layers as L
-from emitter.context import Emit, to_numpy
+from tracer.emitter import layers as L
+from tracer.emitter.context import Emit, to_numpy
 from tracer.ir import OpNode
 
 

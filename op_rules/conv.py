@@ -13,12 +13,12 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter.context import Emit
-from fixes.grouped_conv_transpose import grouped_conv_transpose
-from fixes.strided_dilated_conv import spread, strided_dilated, subsample
-from op_rules.common import (call_with_weights, crop_spatial, ntuple, pad_spatial, param, spatial_layer,
+from tracer.emitter.context import Emit
+from tracer.fixes.grouped_conv_transpose import grouped_conv_transpose
+from tracer.fixes.strided_dilated_conv import spread, strided_dilated, subsample
+from tracer.op_rules.common import (call_with_weights, crop_spatial, ntuple, pad_spatial, param, spatial_layer,
                              trainable, weight_of)
-from op_rules.registry import Layout, rule
+from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode
 
 
@@ -66,7 +66,7 @@ def conv_spec(node: OpNode, ctx: Emit, transposed: bool = False) -> ConvSpec:
 
 @rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d, layout=Layout.CHANNELS_LAST)
 def conv(node: OpNode, ctx: Emit) -> Any:
-    """``node.kw["fused_activation"]`` (set by tracer.optimize.fuse_activations) becomes ``activation=``."""
+    """``node.kw["fused_activation"]`` (set by tracer.passes.optimize.fuse_activations) becomes ``activation=``."""
     s = conv_spec(node, ctx)
     x = pad_spatial(ctx.input(node, 0), s.pads, s.padding_mode, ctx.name(node, "pad"))
     out_ch, in_per_group = s.weight.shape[:2]

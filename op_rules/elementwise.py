@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import torch
 
-from emitter import layers as L
-from emitter.context import Emit
-from op_rules.registry import Layout, register, rule
+from tracer.emitter import layers as L
+from tracer.emitter.context import Emit
+from tracer.op_rules.registry import Layout, register, rule
 from tracer.ir import OpNode, Ref
 
 _BINARY = {

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter.context import Emit, fold_flat
-from emitter.layers import AxisDense
-from op_rules.common import call_with_weights, trainable, weight_of
-from op_rules.registry import Layout, rule
+from tracer.emitter.context import Emit, fold_flat
+from tracer.emitter.layers import AxisDense
+from tracer.op_rules.common import call_with_weights, trainable, weight_of
+from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys
 
 
@@ -37,7 +37,7 @@ def _linear_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
 
 @rule(nn.Linear, F.linear, layout=_linear_layout)
 def linear(node: OpNode, ctx: Emit) -> Any:
-    """``node.kw["fused_activation"]`` (set by tracer.optimize.fuse_activations) becomes ``activation=``."""
+    """``node.kw["fused_activation"]`` (set by tracer.passes.optimize.fuse_activations) becomes ``activation=``."""
     weight = weight_of(node, ctx, "weight")
     bias = weight_of(node, ctx, "bias")
     phys = node.in_layouts[0]

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emitter.context import Emit, to_numpy
-from op_rules.elementwise import scale
-from op_rules.registry import lookup, rule
+from tracer.emitter.context import Emit, to_numpy
+from tracer.op_rules.elementwise import scale
+from tracer.op_rules.registry import lookup, rule
 from tracer.ir import OpNode, Phys, Ref
 
 _PRODUCTS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", torch.mm, "mm")

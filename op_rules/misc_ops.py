@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emitter.context import Emit
-from op_rules.elementwise import _apply, _operand
-from op_rules.registry import Layout, rule
+from tracer.emitter.context import Emit
+from tracer.op_rules.elementwise import _apply, _operand
+from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys
-from tracer.layout import drop_dims
+from tracer.passes.layout import drop_dims
 
 
 def _unbind_dim(node: OpNode, rank: int) -> int:

@@ -14,10 +14,10 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter.batchnorm import BatchNormalization, worth_fusing
-from emitter.context import Emit
-from op_rules.common import call_with_weights, param, trainable, weight_of
-from op_rules.registry import Layout, rule
+from tracer.emitter.batchnorm import BatchNormalization, worth_fusing
+from tracer.emitter.context import Emit
+from tracer.op_rules.common import call_with_weights, param, trainable, weight_of
+from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys
 
 

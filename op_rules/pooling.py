@@ -12,10 +12,10 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter import layers as L
-from emitter.context import Emit
-from op_rules.common import ntuple, pad_spatial, param, spatial_layer
-from op_rules.registry import Layout, rule
+from tracer.emitter import layers as L
+from tracer.emitter.context import Emit
+from tracer.op_rules.common import ntuple, pad_spatial, param, spatial_layer
+from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode
 
 

@@ -6,10 +6,10 @@ from typing import Any
 import keras
 import torch
 
-from emitter.context import Emit
-from op_rules.registry import register
+from tracer.emitter.context import Emit
+from tracer.op_rules.registry import register
 from tracer.ir import OpNode, Phys
-from tracer.layout import drop_dims
+from tracer.passes.layout import drop_dims
 
 
 def _dims(node: OpNode, rank: int) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 
 Most of them move no data in Keras: a permute only changes which torch axis each physical
 axis holds, and a reshape runs on the physical tensor whenever the merged or split axes sit
-in order there. See tracer/layout.py.
+in order there. See tracer/passes/layout.py.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import keras
 import torch
 import torch.nn as nn
 
-from emitter import layers as L
-from emitter.context import Emit
-from op_rules.registry import Layout, rule
+from tracer.emitter import layers as L
+from tracer.emitter.context import Emit
+from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys, Ref, op
-from tracer.layout import drop_dims, permute_layout, regrouped_layout, reshape_layout, same_layout
+from tracer.passes.layout import drop_dims, permute_layout, regrouped_layout, reshape_layout, same_layout
 
 
 def _reshape_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
@@ -55,7 +55,7 @@ def _moves_batch(in_shape: tuple, out_shape: tuple) -> bool:
 
     Keras reshapes with ``-1`` for axis 0, as torch code writes ``x.view(-1, ...)`` or
     ``x.view(x.size(0), ...)``. Behind a unit axis the batch size would be fixed to the sample's.
-    A batch-1 sample is recorded at batch 2 (tracer/capture.py), which tells; recorded at batch 1
+    A batch-1 sample is recorded at batch 2 (tracer/capture/fx.py), which tells; recorded at batch 1
     (the model fails at batch 2), it cannot tell, so it is trusted.
     """
     return bool(in_shape) and bool(out_shape) and in_shape[0] != 1 and out_shape[0] == 1
@@ -165,7 +165,7 @@ def _getitem_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     rank = len(shapes[0])
     index = _index(node, rank)
     if index is None:  # an index tensor: op_rules/tensor_ops.py
-        from op_rules.tensor_ops import advanced_layout
+        from tracer.op_rules.tensor_ops import advanced_layout
         return advanced_layout(node, [phys, *ins[1:]], shapes)
     if phys.flat is not None or any(i is None for i in index):
         return [Phys.identity(rank)], Phys.identity(node.rank)
@@ -181,7 +181,7 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
     rank = len(node.in_layouts[0].perm)
     index = _index(node, rank)
     if index is None:  # an index tensor: op_rules/tensor_ops.py
-        from op_rules.tensor_ops import advanced_getitem
+        from tracer.op_rules.tensor_ops import advanced_getitem
         idx = node.args[1]
         return advanced_getitem(node, ctx, x, idx if isinstance(idx, tuple) else (idx,))
     torch_dims = [i for i in index if i is not None]

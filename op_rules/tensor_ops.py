@@ -3,9 +3,9 @@
 cumsum, triu/tril, ``*_like`` creation, dtype casts, and F.unfold / F.fold.
 
 Creation ops whose sizes come from ``x.shape`` (``torch.arange(x.shape[-1])``) are constants
-already at capture (tracer/capture.py). A constant expanded to the sample's batch size (a class
+already at capture (tracer/capture/fx.py). A constant expanded to the sample's batch size (a class
 token ``cls.expand(x.shape[0], -1, -1)``) is multiplied by ones of the model's batch size at
-runtime (a batch-1 sample is recorded at batch 2, tracer/capture.py; recorded at batch 1, an expand
+runtime (a batch-1 sample is recorded at batch 2, tracer/capture/fx.py; recorded at batch 1, an expand
 to batch 1 is taken for that too). ``torch.zeros(x.shape[0], ...)``, captured by fx or torch.export,
 becomes zeros of the runtime batch size the same way.
 """
@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter import layers as L
-from emitter.context import Emit, to_numpy
-from op_rules.common import call_with_weights, ntuple, pad_spatial, param
-from op_rules.registry import Layout, rule
+from tracer.emitter import layers as L
+from tracer.emitter.context import Emit, to_numpy
+from tracer.op_rules.common import call_with_weights, ntuple, pad_spatial, param
+from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys, Ref, ordered
 
 _KERAS_DTYPE = {"float64": "float32", "int64": "int32"}

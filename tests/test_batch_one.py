@@ -120,7 +120,7 @@ def test_larger_batch_sample_is_recorded_as_given():
 def test_keras_runtime_failure_names_the_layer_and_torch_node(monkeypatch):
     """Recorded at batch 1 (as before batch-2 recording), export drops the class token's expand and
     Concatenate fails at batch 3 in TensorFlow: the error names the layer, the node and the line."""
-    monkeypatch.setattr("tracer.capture._all_batch_one", lambda inputs: False)
+    monkeypatch.setattr("tracer.capture.fx._all_batch_one", lambda inputs: False)
     with pytest.raises(ConversionError) as info:
         convert_model(ClsTokenViT().eval(), torch.randn(1, 3, 16, 16), capture="export", n_random=2)
     msg = str(info.value)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import tracer  # noqa: F401  (registers tracer's layers for load_model)
-from emitter.batchnorm import BatchNormalization
+from tracer.emitter.batchnorm import BatchNormalization
 from tests.helpers import FP32_TOL, assert_converts, randomize_bn
 
 C_IN, C = 3, 8

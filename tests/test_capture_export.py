@@ -6,15 +6,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emitter.build import build_model
+from tracer.emitter.build import build_model
 from tests.helpers import FP32_TOL, assert_converts, randomize_bn
 from tests.test_pipeline import SmallCNN
 from tracer import CaptureError, InputError, convert_model
 from tracer.api import _output_layouts
-from tracer.capture_export import capture_export
+from tracer.capture.export import capture_export
 from tracer.ir import check_integrity, ordered
-from tracer.parity import check_parity
-from tracer.passes import run_passes
+from tracer.verify.parity import check_parity
+from tracer.passes.pipeline import run_passes
 
 aten = torch.ops.aten
 

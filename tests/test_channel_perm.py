@@ -1,4 +1,4 @@
-"""Channel shuffles absorbed into weights in inference models (tracer/channel_perm.py, fold_bn=True)."""
+"""Channel shuffles absorbed into weights in inference models (tracer/passes/channel_perm.py, fold_bn=True)."""
 from __future__ import annotations
 
 import torch

@@ -17,7 +17,7 @@ import torch.nn as nn
 from examples import fbnet_a, repvgg, repvit_kws
 from examples.common import count_parameters, randomize_bn_stats
 from tests.helpers import FP32_TOL, assert_converts
-from tracer.gradcheck import check_gradients
+from tracer.verify.gradcheck import check_gradients
 from tracer.ir import op, ordered
 
 

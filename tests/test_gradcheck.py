@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from op_rules import Layout
-from op_rules.common import call_with_weights
+from tracer.op_rules import Layout
+from tracer.op_rules.common import call_with_weights
 from tests.helpers import randomize_bn
 from tests.test_verify import broken
 from tracer import convert_model
-from tracer.gradcheck import check_gradients, map_parameters
+from tracer.verify.gradcheck import check_gradients, map_parameters
 
 
 class ConvBN(nn.Sequential):

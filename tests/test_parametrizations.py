@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrizations as P
 from torch.nn.utils import parametrize
 
-from fixes.parametrizations import baked, eval_value, parametrized_tensors
+from tracer.fixes.parametrizations import baked, eval_value, parametrized_tensors
 from tests.helpers import assert_converts
 from tracer import convert_model
 from tracer.ir import ordered

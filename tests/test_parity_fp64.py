@@ -1,11 +1,11 @@
-"""tracer/parity.py: a failed output is measured against PyTorch in float64, which tells fp32
+"""tracer/verify/parity.py: a failed output is measured against PyTorch in float64, which tells fp32
 rounding that the model itself amplifies from a wrong conversion."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from op_rules import Layout
+from tracer.op_rules import Layout
 from tests.test_verify import broken, gelu_tanh
 from tracer import convert_model
 

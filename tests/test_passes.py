@@ -1,4 +1,4 @@
-"""Clean-up passes (tracer/optimize.py): each keeps parity and visibly changes the graph or model."""
+"""Clean-up passes (tracer/passes/optimize.py): each keeps parity and visibly changes the graph or model."""
 from __future__ import annotations
 
 import json
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from tests.helpers import FP32_TOL, assert_converts, randomize_bn
 from tracer import convert_model
 from tracer.cli import EXIT_OK, main
-from op_rules.registry import has_module_rule
-from tracer.capture import capture
+from tracer.op_rules.registry import has_module_rule
+from tracer.capture.fx import capture
 from tracer.ir import check_integrity, ordered
-from tracer.optimize import remove_identities
+from tracer.passes.optimize import remove_identities
 
 
 def _layer_types(result) -> list[str]:

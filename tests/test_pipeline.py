@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from op_rules.registry import has_module_rule
+from tracer.op_rules.registry import has_module_rule
 from tests.helpers import assert_converts, randomize_bn
 from tracer import UnsupportedOpsError, convert_model
-from tracer.capture import capture
+from tracer.capture.fx import capture
 from tracer.ir import OP, OpNode, Phys, check_integrity, ordered
-from tracer.layout import reshape_layout
+from tracer.passes.layout import reshape_layout
 
 
 class Block(nn.Module):
@@ -101,7 +101,7 @@ def test_unsupported_ops_collected_into_one_error():
 
 
 def test_shape_check_names_node_and_both_shapes():
-    from op_rules.registry import Layout, register, unregister
+    from tracer.op_rules.registry import Layout, register, unregister
     from tracer import ConversionError
 
     class Wrong(nn.Module):

@@ -1,4 +1,4 @@
-"""Parallel conv branches merged into one conv in inference models (tracer/reparam.py, fold_bn=True)."""
+"""Parallel conv branches merged into one conv in inference models (tracer/passes/reparam.py, fold_bn=True)."""
 from __future__ import annotations
 
 import collections

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch.nn.functional as F
 
-from op_rules import Layout
+from tracer.op_rules import Layout
 from tests.test_verify import HERE, _bugnet, _convert, broken, gelu_tanh, line_of
-from tracer.report_html import plot_svg, render, write
-from tracer.verify import deep_verify
+from tracer.verify.report_html import plot_svg, render, write
+from tracer.verify.deep import deep_verify
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=(

@@ -10,20 +10,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-from emitter.save import save_outputs
-from emitter.layers import TorchPad
-from emitter.tflite import (EXPORT_FIXES, KINDS, CalibrationError, TFLiteExportError, calibration_dataset,
+from tracer.emitter.save import save_outputs
+from tracer.emitter.layers import TorchPad
+from tracer.emitter.tflite import (EXPORT_FIXES, KINDS, CalibrationError, TFLiteExportError, calibration_dataset,
                             export_tflite, op_counts, with_export_fixes)
-from fixes.tflite_axis_linear_map import axis_linear_map_matmul
-from fixes.tflite_conv3d import conv3d_for_litert
-from fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as_conv
-from fixes.tflite_erf import erf_builtin
-from fixes.tflite_high_rank_pad import high_rank_pad_as_3d
+from tracer.fixes.tflite_axis_linear_map import axis_linear_map_matmul
+from tracer.fixes.tflite_conv3d import conv3d_for_litert
+from tracer.fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as_conv
+from tracer.fixes.tflite_erf import erf_builtin
+from tracer.fixes.tflite_high_rank_pad import high_rank_pad_as_3d
 from tests.helpers import randomize_bn
 from tracer import convert_model
 from tracer.errors import InputError
-from tracer.litert_check import LiteRTRunner, check_litert, keras_input_names
-from tracer.parity import run_keras
+from tracer.verify.litert import LiteRTRunner, check_litert, keras_input_names
+from tracer.verify.parity import run_keras
 
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from emitter.tflite import KINDS
+from tracer.emitter.tflite import KINDS
 from tests.helpers import randomize_bn
 from tests.test_tflite import tflite_parity
 

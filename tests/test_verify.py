@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from op_rules import Layout, all_targets, lookup, register, unregister
-from op_rules.common import call_with_weights
+from tracer.op_rules import Layout, all_targets, lookup, register, unregister
+from tracer.op_rules.common import call_with_weights
 from tests.helpers import randomize_bn
 from tracer import convert_model
 from tracer.cli import EXIT_CONVERT, EXIT_INPUT, EXIT_OK, EXIT_PARITY, main
 from tracer.ir import Phys, ordered
-from tracer.verify import Stats, compare_value, deep_verify, make_inputs, to_torch_order
+from tracer.verify.deep import Stats, compare_value, deep_verify, make_inputs, to_torch_order
 
 HERE = Path(__file__).resolve()
 

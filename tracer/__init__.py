@@ -19,15 +19,15 @@ def _import_quietly() -> None:
     import sys
 
     if "tensorflow" in sys.modules or _os.environ.get("TRACER_TF_LOGS"):
-        import emitter.batchnorm  # noqa: F401
-        import emitter.layers  # noqa: F401
+        import tracer.emitter.batchnorm  # noqa: F401
+        import tracer.emitter.layers  # noqa: F401
         return
     sys.stderr.flush()
     saved, devnull = _os.dup(2), _os.open(_os.devnull, _os.O_WRONLY)
     try:
         _os.dup2(devnull, 2)
-        import emitter.batchnorm  # noqa: F401
-        import emitter.layers  # noqa: F401  (registers our Keras layers for load_model)
+        import tracer.emitter.batchnorm  # noqa: F401
+        import tracer.emitter.layers  # noqa: F401  (registers our Keras layers for load_model)
         import tensorflow as tf
 
         tf.zeros(())  # starts the eager context (and its CUDA probe) now, so "cuInit failed" stays silent
@@ -43,9 +43,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "convert": "tracer.api", "convert_model": "tracer.api", "ConversionResult": "tracer.api",
-    "count_transposes": "tracer.api", "deep_verify": "tracer.verify", "VerifyReport": "tracer.verify",
-    "rule": "op_rules.registry", "register": "op_rules.registry", "unregister": "op_rules.registry",
-    "Layout": "op_rules.registry", "OpNode": "tracer.ir",
+    "count_transposes": "tracer.api", "deep_verify": "tracer.verify.deep", "VerifyReport": "tracer.verify.deep",
+    "rule": "tracer.op_rules.registry", "register": "tracer.op_rules.registry", "unregister": "tracer.op_rules.registry",
+    "Layout": "tracer.op_rules.registry", "OpNode": "tracer.ir",
     "TracerError": "tracer.errors", "InputError": "tracer.errors", "CaptureError": "tracer.errors",
     "ConversionError": "tracer.errors", "UnsupportedOpsError": "tracer.errors", "ParityError": "tracer.errors",
 }

@@ -11,14 +11,14 @@ import networkx as nx
 import numpy as np
 import torch
 
-import op_rules  # noqa: F401  (registers the rules)
-from emitter.build import build_model
-from op_rules.registry import has_module_rule, lookup
-from tracer.capture import capture as capture_graph
+import tracer.op_rules  # noqa: F401  (registers the rules)
+from tracer.emitter.build import build_model
+from tracer.op_rules.registry import has_module_rule, lookup
+from tracer.capture.fx import capture as capture_graph
 from tracer.errors import InputError, ParityError
 from tracer.ir import Phys, ordered, target_name
-from tracer.parity import DEFAULT_TOL, ParityReport, check_parity
-from tracer.passes import run_passes
+from tracer.verify.parity import DEFAULT_TOL, ParityReport, check_parity
+from tracer.passes.pipeline import run_passes
 
 log = logging.getLogger("tracer")
 
@@ -88,7 +88,7 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
     say = progress or (lambda msg: log.info(msg))
     inputs = _as_tuple(sample_input)
     if tflite:
-        from emitter.tflite import check_options
+        from tracer.emitter.tflite import check_options
         check_options(tflite, calib, int8_io, random_calibration)  # before any work
     was_training = model.training
     model.eval()
@@ -131,7 +131,7 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
 def _export_tflite(result: ConversionResult, model: torch.nn.Module, inputs: tuple, kinds: Sequence[str], *,
                    raise_on_mismatch: bool, say: Callable[[str], None], **options: Any) -> None:
     """TFLite files and their LiteRT parity reports onto ``result`` (fp32 is held to ``tol``)."""
-    from tracer.litert_check import export_and_check
+    from tracer.verify.litert import export_and_check
     sample = [t.detach().cpu().numpy() for t in inputs]
     result.tflite, result.tflite_reports = export_and_check(
         model, result.keras_model, kinds, sample, result.input_layouts, result.output_layouts, say=say, **options)

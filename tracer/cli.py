@@ -6,14 +6,12 @@ shapes, weights); 3 could not convert (unsupported ops, a rule failed).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import sys
 import time
-import uuid
 import warnings
-from pathlib import Path
 from typing import Any
+
+from tracer.inputs import check_runs, load_inputs, load_model, load_weights, make_sample, parse_shape
 
 EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_CONVERT = 0, 1, 2, 3
 
@@ -101,7 +99,7 @@ def _add_verify_command(sub: Any) -> None:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
-    from tracer.verify_cli import verify_outdir
+    from tracer.verify.command import verify_outdir
     say = (lambda m: None) if args.quiet else (lambda m: print(f"[tracer] {m}", file=sys.stderr, flush=True))
     return verify_outdir(args, say)
 
@@ -171,7 +169,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise InputError(f"{len(dtypes)} --input-dtype given for {len(shapes)} --input-shape")
     say("importing torch and TensorFlow")
     from tracer.api import convert_model
-    from emitter.save import save_outputs
+    from tracer.emitter.save import save_outputs
 
     model = load_model(args.target, args.init_args)
     if args.weights:
@@ -196,7 +194,7 @@ def _convert(args: argparse.Namespace) -> int:
     ok = result.report.ok and all(r.ok for r in result.tflite_reports.values())
     deep_ok = True
     if args.verify == "deep":  # the model is written on output parity; the exit code includes the deep checks
-        from tracer.verify_cli import verify_for_convert
+        from tracer.verify.command import verify_for_convert
         deep_ok = verify_for_convert(model, result, sample, extra, args, report, say)
     if ok or args.keep_on_mismatch:
         say(f"writing {args.output}/ (model.keras{'' if args.no_saved_model else ', saved_model/'}, report.json"
@@ -208,7 +206,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"tracer: parity failed; wrote only {args.output}/report.json "
               "(--keep-on-mismatch writes the model too)", file=sys.stderr)
     if args.verify == "deep":
-        from tracer.verify_cli import write_html
+        from tracer.verify.report_html import write_html
         write_html(args.output, report)
     facts = result.facts()
     print(f"converted in {facts['seconds']:.2f}s: {facts['nodes']} ops, {facts['transpose_ops']} Transpose, "
@@ -217,155 +215,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _invocation(args: argparse.Namespace, shapes: list, dtypes: list) -> dict:
-    from tracer.verify_cli import invocation  # what `tracer verify OUTDIR` needs to rebuild the model
+    from tracer.verify.command import invocation  # what `tracer verify OUTDIR` needs to rebuild the model
     return invocation(args, shapes, dtypes)
-
-
-def parse_shape(text: str) -> list[int]:
-    from tracer.errors import InputError
-    try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
-    except ValueError:
-        raise InputError(f"--input-shape {text!r} is not a comma-separated list of integers") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise InputError(f"--input-shape {text!r} must list positive sizes, batch first (e.g. 1,3,224,224)")
-    return dims
-
-
-def load_model(target: str, init_args: str | None) -> Any:
-    import torch
-    from tracer.errors import InputError
-    path_text, sep, name = target.rpartition(":")
-    if not sep or not path_text or not name:
-        raise InputError(f"target {target!r} must be path/to/module.py:Name")
-    path = Path(path_text)
-    if not path.is_file():
-        raise InputError(f"no such file: {path}")
-    module = _import_file(path)
-    if not hasattr(module, name):
-        found = [k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)
-                 and v.__module__ == module.__name__]
-        raise InputError(f"{path} has no {name!r}" + (f"; nn.Module classes there: {', '.join(found)}" if found else ""))
-    obj = getattr(module, name)
-    args, kwargs = _parse_init(init_args)
-    if not callable(obj):
-        raise InputError(f"{path}:{name} is a {type(obj).__name__}, not an nn.Module class or factory")
-    try:
-        model = obj(*args, **kwargs)
-    except Exception as exc:
-        raise InputError(f"{path}:{name}({_fmt(args, kwargs)}) failed: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"{path}:{name} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _import_file(path: Path) -> Any:
-    from tracer.errors import InputError
-    name = f"tracer_user_{path.stem}_{uuid.uuid4().hex[:8]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise InputError(f"{path} is not a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    sys.path.insert(0, str(path.resolve().parent))
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise InputError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        sys.path.remove(str(path.resolve().parent))
-    return module
-
-
-def _parse_init(text: str | None) -> tuple[list, dict]:
-    from tracer.errors import InputError
-    if not text:
-        return [], {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--init-args is not valid JSON: {exc}") from None
-    if isinstance(value, dict):
-        return [], value
-    if isinstance(value, list):
-        return value, {}
-    raise InputError("--init-args must be a JSON object (keyword arguments) or list (positional)")
-
-
-def _fmt(args: list, kwargs: dict) -> str:
-    return ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
-
-
-def load_weights(model: Any, path: str) -> None:
-    import torch
-    from tracer.errors import InputError
-    if not Path(path).is_file():
-        raise InputError(f"no such weights file: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"cannot read weights {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise InputError(f"{path} holds a {type(state).__name__}, not a state_dict")
-    try:
-        model.load_state_dict(state, strict=True)
-    except Exception as exc:
-        raise InputError(f"weights {path} do not fit the model: {str(exc).splitlines()[0][:300]}") from None
-
-
-def make_sample(shapes: list[list[int]], dtypes: list[str], files: list[str]) -> tuple:
-    """The sample input: the first --inputs file if given, else a fixed normal draw."""
-    import numpy as np
-    import torch
-    if files:
-        arrays = load_inputs(files[0], len(shapes))
-        return tuple(torch.from_numpy(a) for a in arrays)
-    rng = np.random.default_rng(1234)
-    out = []
-    for shape, dt in zip(shapes, dtypes):
-        if dt.startswith("int"):
-            out.append(torch.from_numpy(rng.integers(0, 2, size=shape).astype(dt)))
-        else:
-            out.append(torch.from_numpy(rng.standard_normal(shape).astype(dt)))
-    return tuple(out)
-
-
-def load_inputs(path: str, n: int) -> list:
-    import numpy as np
-    import torch
-    from tracer.errors import InputError
-    if not Path(path).is_file():
-        raise InputError(f"no such inputs file: {path}")
-    try:
-        if path.endswith(".npy"):
-            arrays = [np.load(path, allow_pickle=False)]
-        elif path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as z:
-                arrays = [z[k] for k in z.files]
-        else:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-            value = value if isinstance(value, (tuple, list)) else [value]
-            arrays = [v.numpy() for v in value]
-    except Exception as exc:
-        raise InputError(f"cannot read inputs {path}: {type(exc).__name__}: {exc}") from None
-    if len(arrays) != n:
-        raise InputError(f"{path} holds {len(arrays)} arrays, the model takes {n} inputs")
-    return [a.astype(np.float32) if a.dtype == np.float64 else a for a in arrays]
-
-
-def check_runs(model: Any, sample: tuple, shapes: list) -> None:
-    import torch
-    from tracer.errors import InputError
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*sample)
-    except Exception as exc:
-        shown = " and ".join(str(tuple(t.shape)) for t in sample)
-        raise InputError(f"the PyTorch model fails on input shape {shown}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:300]}") from None
 
 
 if __name__ == "__main__":

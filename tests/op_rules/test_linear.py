@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import tracer  # noqa: F401  (registers the serializable layers for loading)
 from tests.helpers import assert_converts
-from tracer.gradcheck import check_gradients
+from tracer.verify.gradcheck import check_gradients
 
 
 class MixerBlock(nn.Module):

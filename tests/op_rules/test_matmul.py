@@ -150,7 +150,7 @@ def test_products_through_torch_export(fn, shapes, rule):
 
 
 def test_operator_matmul_is_registered():
-    from op_rules import lookup
+    from tracer.op_rules import lookup
 
     assert lookup(operator.matmul).name == "matmul"
     assert lookup("matmul").name == lookup(torch.bmm).name == "matmul"

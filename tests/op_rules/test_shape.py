@@ -1,7 +1,7 @@
 """Parity sweeps for op_rules/shape.py: reshapes, permutes, cat/stack, split/chunk, indexing.
 
 Most cases run on a conv output (an NCHW map that lives NHWC inside the Keras model), where the
-layout bookkeeping of tracer/layout.py is exercised; the rest on plain tensors (identity layout).
+layout bookkeeping of tracer/passes/layout.py is exercised; the rest on plain tensors (identity layout).
 """
 from __future__ import annotations
 

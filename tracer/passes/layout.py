@@ -12,7 +12,7 @@ import math
 
 import networkx as nx
 
-from op_rules.registry import Layout, lookup
+from tracer.op_rules.registry import Layout, lookup
 from tracer.ir import OpNode, Phys, ordered, update
 
 

@@ -5,7 +5,7 @@ torch module paths) and by value: each Keras weight must be an exact rearrangeme
 tensor (conv kernels ``(*k, in, out)`` vs ``(out, in, *k)``, transposed dense kernels, depthwise
 kernels, 1-D BatchNorm vectors, constants in a layout), or, when the tensor's values are
 distinct, any selection of its entries (a Linear kernel with a flattening order folded in). The
-index map carries gradients back (:mod:`tracer.gradcheck`) and weights forward
+index map carries gradients back (:mod:`tracer.verify.gradcheck`) and weights forward
 (:func:`restore_torch_weights`).
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from html import escape
+import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -58,6 +59,25 @@ def write(path: str | Path, verify: dict, **kw: Any) -> Path:
     path = Path(path)
     path.write_text(render(verify, **kw), encoding="utf-8")
     return path
+
+
+def write_html(outdir: str | Path, report: dict, title: str | None = None) -> Path:
+    """``outdir/report.html`` from a report.json dict that has a "verify" section."""
+    return write(Path(outdir) / "report.html", report["verify"],
+                 title=title or f"tracer: {report.get('target', 'model')}")
+
+
+def write_reports(outdir: Path, verify: dict, title: str | None = None) -> Path:
+    """``verify`` (strict-JSON VerifyReport dict) into ``outdir/report.json`` under "verify", keeping what
+    else a report.json there holds (written whole, then renamed), and ``outdir/report.html``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report["verify"] = verify
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(path)
+    return write_html(outdir, report, title)
 
 
 # ---- sections -----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ comprehensions over inputs) just runs. Control flow on tensor *values* (``if x.s
 stops both. The result is an fx graph at the ATen level (``aten.conv2d``, ``aten.linear`` ...)
 with each node's module path in ``node.meta["nn_module_stack"]`` and its source in
 ``node.meta["stack_trace"]``, so it is built into the same IR as the fx path
-(:func:`tracer.capture._build_graph`). Parameters, buffers and constants are graph inputs in an
+(:func:`tracer.capture.recording.build_graph`). Parameters, buffers and constants are graph inputs in an
 exported program; they are lifted back into get_attr nodes holding their values, so only the
 user's inputs stay placeholders and everything computed from weights alone folds into constants.
 
@@ -30,7 +30,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.operator_schemas import normalize_function
 
-from tracer.capture import _TORCH_DIR, _OWN_DIRS, _Recorder, _build_graph
+from tracer.capture.recording import OWN_DIRS, TORCH_DIR, Recorder, build_graph
 from tracer.errors import CaptureError
 
 aten = torch.ops.aten
@@ -48,10 +48,10 @@ def capture_export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], rea
     gm = lift_state(ep)
     one_output_forms(gm.graph)
     gm.recompile()
-    recorder = _Recorder(gm)
+    recorder = Recorder(gm)
     with torch.no_grad():
         recorder.run(*inputs)
-    graph = _build_graph(gm, recorder)
+    graph = build_graph(gm, recorder)
     graph.graph["capture"] = {"method": "torch.export", "reason": reason, "decomposed": decomposed}
     return graph
 
@@ -89,7 +89,7 @@ def _where(exc: BaseException) -> str:
     best = ""
     for frame in traceback.extract_tb(exc.__traceback__):
         path = os.path.abspath(frame.filename)
-        if path.startswith(_TORCH_DIR) or path.startswith(_OWN_DIRS) or "<" in frame.filename:
+        if path.startswith(TORCH_DIR) or path.startswith(OWN_DIRS) or "<" in frame.filename:
             continue
         best = f" (at {frame.filename}:{frame.lineno}: {(frame.line or '').strip()})"
     return best
@@ -104,7 +104,7 @@ def decompose_as_needed(ep: ExportedProgram, everything: bool = False) -> tuple[
     they are (they are removed from torch's default decomposition table before it runs).
     ``everything``: the whole default table (core ATen).
     """
-    from op_rules.aten import supported
+    from tracer.op_rules.aten import supported
 
     if everything:
         return _run_decompositions(ep, None), ["all (core ATen)"]

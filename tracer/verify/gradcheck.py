@@ -13,7 +13,7 @@ PyTorch runs the captured fx graph (the same graph the conversion saw, captured 
 Python branches on ``self.training`` take their inference path) with its modules in training
 mode and dropout modules in eval mode; a model captured with torch.export runs as itself in
 ``model.train()``. Each Keras weight is matched to the PyTorch tensor it holds, as an index map
-(:mod:`tracer.gradcheck_params`); that map carries Keras gradients back into PyTorch's shape, so
+(:mod:`tracer.verify.gradcheck_params`); that map carries Keras gradients back into PyTorch's shape, so
 a PyTorch parameter used by several Keras layers gets their sum. A trainable Keras weight that
 holds no PyTorch tensor, or a PyTorch parameter no trainable Keras weight holds, is a mismatch.
 
@@ -28,13 +28,13 @@ import keras
 import numpy as np
 import torch
 
-from fixes.parametrizations import parametrized_tensors
-from op_rules.registry import lookup
+from tracer.fixes.parametrizations import parametrized_tensors
+from tracer.op_rules.registry import lookup
 from tracer.errors import InputError
-from tracer.gradcheck_params import ParamMap, map_parameters, restore_torch_weights
+from tracer.verify.gradcheck_params import ParamMap, map_parameters, restore_torch_weights
 from tracer.ir import ordered
-from tracer.parity import flatten_outputs
-from tracer.verify_nodes import torch_graph_module
+from tracer.verify.parity import flatten_outputs
+from tracer.verify.nodes import torch_graph_module
 
 __all__ = ["GradReport", "Mismatch", "TensorDiff", "check_gradients", "map_parameters", "restore_torch_weights"]
 

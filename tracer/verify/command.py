@@ -2,7 +2,7 @@
 
 ``tracer convert`` records in report.json how it built the model ("invocation"); ``tracer verify``
 rebuilds the PyTorch model from that, converts it again to map every node to its Keras tensor,
-runs :func:`tracer.verify.deep_verify`, also checks the saved model.keras, and writes report.json
+runs :func:`tracer.verify.deep.deep_verify`, also checks the saved model.keras, and writes report.json
 (under "verify") and report.html back into the folder.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import keras
 import torch
 
 from tracer.errors import InputError
-from tracer.verify import deep_verify
-from tracer.verify_report import Problem
+from tracer.verify.deep import deep_verify
+from tracer.verify.report import Problem
+from tracer.verify.report_html import write_reports
 
 
 def invocation(args: Any, shapes: list, dtypes: list) -> dict:
@@ -38,26 +39,6 @@ def verify_for_convert(model: torch.nn.Module, result: Any, sample: tuple, extra
     return rep.ok
 
 
-def write_html(outdir: str | Path, report: dict, title: str | None = None) -> Path:
-    """``outdir/report.html`` from a report.json dict that has a "verify" section."""
-    from tracer.report_html import write
-    return write(Path(outdir) / "report.html", report["verify"],
-                 title=title or f"tracer: {report.get('target', 'model')}")
-
-
-def write_reports(outdir: Path, verify: dict, title: str | None = None) -> Path:
-    """``verify`` (strict-JSON VerifyReport dict) into ``outdir/report.json`` under "verify", keeping what
-    else a report.json there holds (written whole, then renamed), and ``outdir/report.html``."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    path = outdir / "report.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
-    report["verify"] = verify
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
-    return write_html(outdir, report, title)
-
-
 def verify_outdir(args: Any, say: Any) -> int:
     """``tracer verify OUTDIR``: rebuild the PyTorch model from report.json, re-check, rewrite the reports."""
     outdir = Path(args.outdir)
@@ -68,7 +49,7 @@ def verify_outdir(args: Any, say: Any) -> int:
     if not inv:
         raise InputError(f"{path} does not record how the model was built (written by an older tracer); "
                          "convert again with this version")
-    from tracer.cli import load_inputs
+    from tracer.inputs import load_inputs
     user = [load_inputs(f, len(inv["input_shapes"])) for f in args.inputs]
     model, result, sample, keras_saved, notes = _rebuild(inv, outdir, say)
     say("deep verification: every node, gradients")
@@ -78,7 +59,7 @@ def verify_outdir(args: Any, say: Any) -> int:
     rep.warnings += notes
     saved = outdir / "model.keras"
     if keras_saved is not None:  # the file itself must match PyTorch too
-        from tracer.parity import check_parity
+        from tracer.verify.parity import check_parity
         arrays = [t.detach().cpu().numpy() for t in sample]
         parity = check_parity(model, keras_saved, arrays, result.input_layouts, result.output_layouts,
                               n_random=max(args.random_inputs, 1), extra=user, tol=args.tol)
@@ -99,11 +80,11 @@ def _rebuild(inv: dict, outdir: Path, say: Any) -> tuple:
     tensor), the sample input, the saved model.keras (or None) and notes on what could not be restored.
 
     Without ``--weights`` the model was converted with its initial random weights; they are taken
-    back from model.keras through the parameter map (:func:`tracer.gradcheck_params.restore_torch_weights`)
+    back from model.keras through the parameter map (:func:`tracer.verify.gradcheck_params.restore_torch_weights`)
     and the model is converted again.
     """
     from tracer.api import convert_model
-    from tracer.cli import load_model, load_weights, make_sample
+    from tracer.inputs import load_model, load_weights, make_sample
     say(f"rebuilding {inv['target']}")
     model = load_model(inv["target"], inv["init_args"])
     if inv.get("weights"):
@@ -120,7 +101,7 @@ def _rebuild(inv: dict, outdir: Path, say: Any) -> tuple:
         if keras_saved is None:
             notes.append(f"no --weights recorded and no {saved}: PyTorch model rebuilt with fresh random weights")
         else:
-            from tracer.gradcheck_params import restore_torch_weights
+            from tracer.verify.gradcheck_params import restore_torch_weights
             done, missing = restore_torch_weights(model, result.keras_model, keras_saved)
             notes.append(f"no --weights recorded: {len(done)} PyTorch tensors restored from {saved}"
                          + (f"; not restorable (fresh values): {', '.join(missing)}" if missing else ""))

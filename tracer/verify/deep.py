@@ -2,14 +2,14 @@
 
 :func:`deep_verify` runs PyTorch and the converted Keras model (and the fp32 .tflite model, when
 the conversion produced one) on the sample, random and user inputs, compares every node's value
-(:mod:`tracer.verify_nodes`) with ``max|keras - torch| <= tol * max(1, max|torch|)``, and
-returns a :class:`~tracer.verify_report.VerifyReport`.
+(:mod:`tracer.verify.nodes`) with ``max|keras - torch| <= tol * max(1, max|torch|)``, and
+returns a :class:`~tracer.verify.report.VerifyReport`.
 
 The *first divergence* is the first node in execution order whose error exceeds the tolerance
 while every input it reads is still within it: the node whose rule computed something else.
 Beyond tolerance failures the tester reports NaN/Inf that only one framework produces (in any
 output or intermediate) and outputs that do not change when the input does (a graph folded into
-constants). With ``gradients`` it also runs :mod:`tracer.gradcheck` (training-mode parity).
+constants). With ``gradients`` it also runs :mod:`tracer.verify.gradcheck` (training-mode parity).
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import torch
 
 from tracer.errors import InputError
 from tracer.ir import OpNode, ordered
-from tracer.parity import DEFAULT_TOL, ParityReport, Trial, compare, run_torch
-from tracer.verify_nodes import (compare_nodes, compare_value, divergences, keras_probe, run_litert, run_probe,
+from tracer.verify.parity import DEFAULT_TOL, ParityReport, Trial, compare, run_torch
+from tracer.verify.nodes import (compare_nodes, compare_value, divergences, keras_probe, run_litert, run_probe,
                                  run_torch_nodes, to_torch_order, torch_graph_module, worst_of)
-from tracer.verify_report import NodeDiff, Problem, Stats, VerifyReport
+from tracer.verify.report import NodeDiff, Problem, Stats, VerifyReport
 
 __all__ = ["DISTRIBUTIONS", "NodeDiff", "Problem", "Stats", "VerifyReport", "compare_value", "deep_verify",
            "make_inputs", "to_torch_order"]
@@ -72,7 +72,7 @@ def deep_verify(model: torch.nn.Module, result: Any, sample: Any = None, *, n_in
         distribution: "normal" (standard normal) or "uniform" (in [0, 1)) for the random inputs.
         inputs: user input tuples (numpy, PyTorch layout), e.g. loaded from .npy files.
         tol: output tolerance; node_tol: per-node tolerance (default ``tol``).
-        gradients: run the training-mode check (tracer.gradcheck) on the first float input.
+        gradients: run the training-mode check (tracer.verify.gradcheck) on the first float input.
         tflite: also compare the fp32 TFLite model node by node when ``result.tflite`` has one.
     """
     node_tol = tol if node_tol is None else node_tol
@@ -184,7 +184,7 @@ def _same_outputs(report: VerifyReport, what: str, ta: list, tb: list, ka: list,
 
 def _gradients(report: VerifyReport, model: torch.nn.Module, result: Any, first: list, grad_tol: float,
                batch: int, seed: int) -> None:
-    from tracer.gradcheck import check_gradients
+    from tracer.verify.gradcheck import check_gradients
     if not all(np.issubdtype(np.asarray(x).dtype, np.floating) for x in first):
         report.warnings.append("gradient check covers parameters only: some inputs are not floating point")
     grads = check_gradients(model, result, first, tol=grad_tol, batch=batch, seed=seed)

@@ -1,32 +1,29 @@
-"""Capture a PyTorch model with torch.fx into the NetworkX IR.
-
-Modules that have a rule stay leaves; everything else is traced through. A run of the traced
-module on the sample input records each node's shape and dtype; nodes that do not depend on
-the inputs (parameter arithmetic, creation ops, ``x.size()`` arithmetic) are folded into
-constants so rules see plain numbers. Models fx cannot trace are captured with torch.export
-into the same IR (tracer/capture_export.py).
-"""
+"""What both capture paths share: one run of a traced GraphModule that records every node's result
+(:class:`Recorder`), and the NetworkX IR built from it (:func:`build_graph`), each node with its
+normalized arguments and the user's source line. torch.fx (``tracer.capture.fx``) and torch.export
+(``tracer.capture.export``) produce the GraphModule."""
 from __future__ import annotations
 
 import inspect
 import operator
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
-from tracer.errors import CaptureError, InputError
+from tracer.errors import CaptureError
 from tracer.ir import OP, OpNode, Ref, Source
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIRS = tuple(
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
-    for d in ("tracer", "op_rules", "emitter", "fixes")
-)
+TORCH_DIR = os.path.dirname(torch.__file__)
+# tracer's own code, skipped when looking for the user's line: the installed package (which holds
+# tracer.op_rules, .emitter, .fixes), and in a source checkout the stage folders beside tracer/
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OWN_DIRS = (_PACKAGE + os.sep,) + tuple(
+    os.path.join(os.path.dirname(_PACKAGE), d) + os.sep for d in ("op_rules", "emitter", "fixes"))
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
 # Tensor methods taking their shape/dims as varargs: x.view(2, -1) == x.view((2, -1)).
 _VARARG_METHODS = {"view": "shape", "reshape": "shape", "permute": "dims", "repeat": "sizes",
@@ -43,17 +40,7 @@ _ATEN_CREATION = {torch.ops.aten.zeros.default, torch.ops.aten.ones.default, tor
 _NEW = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, is_leaf: Callable[[torch.nn.Module], bool]):
-        super().__init__()
-        self.record_stack_traces = True
-        self._is_leaf = is_leaf
-
-    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return self._is_leaf(m)
-
-
-class _Recorder(fx.Interpreter):
+class Recorder(fx.Interpreter):
     """Runs the traced module once, keeping each node's result and whether it depends on inputs."""
 
     def __init__(self, gm: fx.GraphModule):
@@ -131,7 +118,7 @@ def source_of(n: fx.Node) -> Source:
     best = Source()
     for file, line, code in _FRAME.findall(trace):
         path = os.path.abspath(file)
-        if path.startswith(_TORCH_DIR) or path.startswith(_OWN_DIRS):
+        if path.startswith(TORCH_DIR) or path.startswith(OWN_DIRS):
             continue
         best = Source(file, int(line), code.strip())
     return best
@@ -190,97 +177,8 @@ def _positional(args: tuple, kwargs: dict) -> dict:
     return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
 
 
-def trace(model: torch.nn.Module, is_leaf: Callable[[torch.nn.Module], bool]) -> fx.GraphModule:
-    tracer = _Tracer(is_leaf)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {exc}. "
-            "Data-dependent Python control flow in forward() cannot be traced; "
-            "move it out of forward or give the submodule a rule so it stays a leaf."
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
-
-CAPTURE_METHODS = ("auto", "fx", "export")
-
-
-def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-            is_leaf: Callable[[torch.nn.Module], bool], method: str = "auto") -> nx.DiGraph:
-    """Capture ``model`` and build the IR graph, shapes recorded from ``inputs``.
-
-    ``method``: "fx" (torch.fx symbolic tracing), "export" (torch.export, ATen level) or "auto":
-    fx, and torch.export when fx cannot capture the model. ``graph.graph["capture"]`` records
-    which was used and why. Weights computed by parametrizations are baked in either way.
-
-    A sample whose tensors all have batch size 1 cannot tell the batch size from a genuine unit
-    axis (``cls.expand(x.shape[0], -1, -1)`` is then a no-op, ``x.view(-1, ...)`` of windows looks
-    like a fixed size), so shapes are recorded on a batch-2 copy of it (the sample repeated along
-    axis 0), and on the sample itself only when the model fails at batch 2;
-    ``graph.graph["capture"]["batch"]`` says which.
-    """
-    from fixes.parametrizations import bake_parametrizations
-
-    if method not in CAPTURE_METHODS:
-        raise InputError(f"capture must be one of {', '.join(CAPTURE_METHODS)}. Received: capture={method!r}")
-    # an in-place forward (x.add_(1), relu_(x)) must not change the caller's sample tensors
-    inputs = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
-    if not _all_batch_one(inputs):
-        return bake_parametrizations(_capture_with(model, inputs, is_leaf, method), model)
-    doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
-    try:
-        graph = _capture_with(model, doubled, is_leaf, method)
-        note = "recorded at batch 2 (the batch-1 sample repeated), so batch-sized axes are told from unit axes"
-    except CaptureError as exc:
-        graph = _capture_with(model, inputs, is_leaf, method)
-        note = (f"recorded at batch 1: the model failed on the sample repeated to batch 2 ({_first_line(exc)}); "
-                "axes of size 1 are taken for the batch where they are sized by it")
-    graph.graph["capture"]["batch"] = note
-    return bake_parametrizations(graph, model)
-
-
-def _all_batch_one(inputs: tuple) -> bool:
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-    return bool(tensors) and all(x.dim() and x.shape[0] == 1 for x in tensors)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def _capture_with(model: torch.nn.Module, inputs: tuple, is_leaf: Callable[[torch.nn.Module], bool],
-                  method: str) -> nx.DiGraph:
-    from tracer.capture_export import capture_export, fx_failure
-
-    if method == "export":
-        return capture_export(model, inputs, reason="requested with capture='export'")
-    try:
-        return capture_fx(model, inputs, is_leaf)
-    except CaptureError as exc:
-        if method == "fx":
-            raise
-        return capture_export(model, inputs, reason=fx_failure(model, exc), fx_error=exc)
-
-
-def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-               is_leaf: Callable[[torch.nn.Module], bool]) -> nx.DiGraph:
-    """Trace ``model`` with torch.fx and build the IR graph."""
-    gm = trace(model, is_leaf)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(inputs):
-        raise CaptureError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs "
-                           f"({', '.join(p.name for p in placeholders)}) but {len(inputs)} were given")
-    recorder = _Recorder(gm)
-    with torch.no_grad():
-        recorder.run(*inputs)
-    graph = _build_graph(gm, recorder)
-    graph.graph["capture"] = {"method": "fx", "reason": "torch.fx traced the model"}
-    return graph
-
-
-def _build_graph(gm: fx.GraphModule, rec: _Recorder) -> nx.DiGraph:
+def build_graph(gm: fx.GraphModule, rec: Recorder) -> nx.DiGraph:
     graph = nx.DiGraph()
     modules = dict(gm.named_modules())
     folded: dict[str, Any] = {}  # node name -> constant value inlined into consumers

@@ -1,6 +1,6 @@
 """What deep verification found: per-node differences, problems with their causes, the verdict.
 
-:class:`VerifyReport` is built by :func:`tracer.verify.deep_verify`; ``to_json()`` is strict JSON
+:class:`VerifyReport` is built by :func:`tracer.verify.deep.deep_verify`; ``to_json()`` is strict JSON
 (infinite errors as the string "inf") and is what report.json holds under "verify";
 ``save(outdir)`` writes that and report.html.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tracer.parity import ParityReport
+from tracer.verify.parity import ParityReport
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class NodeDiff:
                 + (f"\n      {self.code}" if self.code else ""))
 
 
-GRADIENT_KINDS = ("gradient", "sgd_step", "bn_stats", "unmapped")  # problems found by tracer.gradcheck
+GRADIENT_KINDS = ("gradient", "sgd_step", "bn_stats", "unmapped")  # problems found by tracer.verify.gradcheck
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class VerifyReport:
     def save(self, outdir: str | Path, title: str | None = None) -> Path:
         """Write ``outdir/report.json`` (this report under "verify", added to the report ``tracer convert``
         wrote there, if any) and ``outdir/report.html``; returns the HTML path."""
-        from tracer.verify_cli import write_reports
+        from tracer.verify.report_html import write_reports
         return write_reports(Path(outdir), json.loads(self.to_json()), title)
 
 

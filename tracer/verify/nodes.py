@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from op_rules.registry import has_module_rule, lookup
+from tracer.op_rules.registry import has_module_rule, lookup
 from tracer.errors import InputError
 from tracer.ir import OpNode, Phys, ordered, target_name
-from tracer.parity import flatten_outputs
-from tracer.verify_report import NodeDiff, Stats
+from tracer.verify.parity import flatten_outputs
+from tracer.verify.report import NodeDiff, Stats
 
 
 # ---- the PyTorch side ---------------------------------------------------------------------------
@@ -55,9 +55,9 @@ def torch_graph_module(model: torch.nn.Module, graph: Any, sample: Sequence[np.n
     model.eval()  # captured in eval mode: `self.training` branches must take the same path
     try:
         if method == "fx":
-            from tracer.capture import trace
+            from tracer.capture.fx import trace
             return trace(model, has_module_rule)
-        from tracer.capture_export import decompose_as_needed, export, lift_state, one_output_forms
+        from tracer.capture.export import decompose_as_needed, export, lift_state, one_output_forms
         ep, _ = decompose_as_needed(export(model, _at_capture_batch(graph, sample)))
         gm = lift_state(ep)
         one_output_forms(gm.graph)
@@ -69,7 +69,7 @@ def torch_graph_module(model: torch.nn.Module, graph: Any, sample: Sequence[np.n
 
 def _at_capture_batch(graph: Any, sample: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
     """The sample as torch tensors, a batch-1 sample repeated to the batch the graph was recorded at
-    (tracer/capture.py records a batch-1 sample at batch 2), so export gives the same graph."""
+    (tracer/capture/fx.py records a batch-1 sample at batch 2), so export gives the same graph."""
     holders = [n for n in ordered(graph) if n.kind == "placeholder"]
     out = []
     for x, h in zip(sample, holders):

@@ -1,5 +1,5 @@
 """LiteRT runtime parity: run ``.tflite`` flatbuffers with the LiteRT interpreter on the inputs of
-the differential tester (tracer/parity.py) and compare with PyTorch.
+the differential tester (tracer/verify/parity.py) and compare with PyTorch.
 
 fp32 must match PyTorch within the tester's tolerance; fp16, dynamic-range and int8 models are
 reported (max abs diff and, for classifier outputs (2-D), top-1 agreement with PyTorch) but not
@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from emitter.tflite import calibration_samples, check_options, export_tflite, op_counts, quiet_native_logs
+from tracer.emitter.tflite import calibration_samples, check_options, export_tflite, op_counts, quiet_native_logs
 from tracer.ir import Phys
-from tracer.parity import DEFAULT_TOL, ParityReport, check_parity, flatten_outputs
+from tracer.verify.parity import DEFAULT_TOL, ParityReport, check_parity, flatten_outputs
 
 STRICT_KINDS = ("fp32",)  # held to the tolerance; the others are reported only
 

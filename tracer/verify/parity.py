@@ -15,7 +15,7 @@ import torch
 
 from tracer.errors import ConversionError
 from tracer.ir import Phys
-from tracer.keras_failure import describe_failure, feed_of
+from tracer.verify.keras_failure import describe_failure, feed_of
 
 DEFAULT_TOL = 1e-5
 

@@ -1,6 +1,6 @@
 """Clean-up passes: identity removal, BatchNorm folding, activation fusion.
 
-Each is a function ``Graph -> Graph`` run from ``tracer.passes.passes`` and changes results by
+Each is a function ``Graph -> Graph`` run from ``tracer.passes.pipeline.passes`` and changes results by
 fp32 rounding at most. A node that absorbs its successor keeps the successor's name (it now
 computes that value), so per-node comparisons with PyTorch still line up; what was done is
 recorded in the node's ``notes`` and shown in ``ConversionResult.facts()["notes"]``.
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from op_rules.registry import lookup
+from tracer.op_rules.registry import lookup
 from tracer.ir import OpNode, Ref, compact_order, op, ordered, rewire, set_op, sole_user
 
 
@@ -44,8 +44,8 @@ def builtin_rule(node: OpNode) -> str | None:
     return r.name if r is not None and r.fn.__module__ == _BUILTIN.get(r.name) else None
 
 
-_BUILTIN = {"identity": "op_rules.linear", "linear": "op_rules.linear", "reshape": "op_rules.shape",
-            "permute": "op_rules.shape", "conv": "op_rules.conv", "batch_norm": "op_rules.norm"}
+_BUILTIN = {"identity": "tracer.op_rules.linear", "linear": "tracer.op_rules.linear", "reshape": "tracer.op_rules.shape",
+            "permute": "tracer.op_rules.shape", "conv": "tracer.op_rules.conv", "batch_norm": "tracer.op_rules.norm"}
 
 
 # ---- identity and no-op removal --------------------------------------------------------------
@@ -177,7 +177,7 @@ _FUSABLE = {nn.ReLU: "relu", F.relu: "relu", torch.relu: "relu", "relu": "relu",
 def keras_activation(node: OpNode) -> str | None:
     """The Keras activation name computing ``node`` exactly, if it is one a Conv/Dense can take."""
     r = lookup(node.target)
-    if r is None or r.fn.__module__ != "op_rules.activation" or len(node.inputs) != 1:
+    if r is None or r.fn.__module__ != "tracer.op_rules.activation" or len(node.inputs) != 1:
         return None
     try:
         name = _FUSABLE.get(node.target)

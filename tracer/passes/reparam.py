@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from tracer.ir import OpNode, Ref, compact_order, op, ordered, set_op, sole_user
-from op_rules.conv import conv_pads
-from tracer.optimize import bn_affine, builtin_rule, module_copy
+from tracer.op_rules.conv import conv_pads
+from tracer.passes.optimize import bn_affine, builtin_rule, module_copy
 
 _ADD = {operator.add, torch.add, "add"}
 

@@ -8,14 +8,14 @@ from typing import Any, Callable
 
 import networkx as nx
 
-from fixes.inplace_ops import functionalize_inplace
-from op_rules.registry import lookup
+from tracer.fixes.inplace_ops import functionalize_inplace
+from tracer.op_rules.registry import lookup
 from tracer.errors import UnsupportedOpsError
 from tracer.ir import OP, OpNode, Ref, check_integrity, op, ordered, target_name, update
-from tracer.layout import assign_layouts
-from tracer.optimize import fold_batchnorm, fuse_activations, remove_identities
-from tracer.channel_perm import absorb_channel_permutations
-from tracer.reparam import merge_parallel_convs
+from tracer.passes.layout import assign_layouts
+from tracer.passes.optimize import fold_batchnorm, fuse_activations, remove_identities
+from tracer.passes.channel_perm import absorb_channel_permutations
+from tracer.passes.reparam import merge_parallel_convs
 
 
 def check_supported(graph: nx.DiGraph) -> nx.DiGraph:

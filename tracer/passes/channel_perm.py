@@ -17,9 +17,9 @@ import networkx as nx
 import torch
 import torch.nn as nn
 
-from op_rules.shape import permute_dims
+from tracer.op_rules.shape import permute_dims
 from tracer.ir import OpNode, compact_order, op, ordered, set_op, sole_user
-from tracer.optimize import builtin_rule, keras_activation, module_copy, replace_uses
+from tracer.passes.optimize import builtin_rule, keras_activation, module_copy, replace_uses
 
 _MOVES = ("reshape", "permute")
 
