@@ -1,10 +1,12 @@
-"""Pooling: max/avg with padding, ceil_mode and count_include_pad; adaptive pooling of any size.
+"""Pooling: max/avg with padding, ceil_mode and count_include_pad; max pooling with dilation; adaptive
+pooling of any size.
 
 Windows that PyTorch clips at the border are reproduced exactly: max pooling pads with -inf,
 average pooling pads with zeros and rescales each output by window size / PyTorch's divisor.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import keras
@@ -37,14 +39,27 @@ def _spatial_in(ctx: Emit, node: OpNode) -> tuple[int, ...]:
 def max_pool(node: OpNode, ctx: Emit) -> Any:
     n = node.rank - 2
     k, s, p = _window(node, n)
-    if any(d != 1 for d in ntuple(param(node, "dilation", 1), n)):
-        raise NotImplementedError("max pooling with dilation > 1 has no Keras equivalent")
+    d = ntuple(param(node, "dilation", 1), n)
     if param(node, "return_indices", False):
         raise NotImplementedError("max pooling with return_indices=True is not supported")
     size_in, size_out = _spatial_in(ctx, node), node.shape[2:]
-    pads = [(pi, max(0, (o - 1) * si + ki - li - pi)) for li, o, ki, si, pi in zip(size_in, size_out, k, s, p)]
+    reach = [(ki - 1) * di + 1 for ki, di in zip(k, d)]  # the dilated window's extent
+    pads = [(pi, max(0, (o - 1) * si + ri - li - pi)) for li, o, ri, si, pi in zip(size_in, size_out, reach, s, p)]
     x = pad_spatial(ctx.input(node, 0), pads, "constant", ctx.name(node, "pad"), value=-np.inf)
+    if any(di != 1 for di, ki in zip(d, k) if ki > 1):
+        return _dilated_max(node, ctx, x, k, s, d, size_out)
     return spatial_layer("MaxPooling", n)(k, s, padding="valid", name=ctx.name(node))(x)
+
+
+def _dilated_max(node: OpNode, ctx: Emit, x: Any, k: tuple, s: tuple, d: tuple, size_out: tuple) -> Any:
+    """Keras pooling has no dilation: the maximum of one strided slice per window tap (prod(k) slices)."""
+    y = None
+    for k_tap, offsets in enumerate(itertools.product(*[range(0, ki * di, di) for ki, di in zip(k, d)])):
+        spec = [[None, None, None], *[[o, o + (n_out - 1) * si + 1, si] for o, n_out, si in zip(offsets, size_out, s)],
+                [None, None, None]]
+        tap = L.StridedSlice(spec, name=ctx.name(node, f"tap{k_tap}"))(x)
+        y = tap if y is None else keras.ops.maximum(y, tap)
+    return y
 
 
 @rule(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,

@@ -25,6 +25,20 @@ class Layout(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Qualname:
+    """A target named by its import path (``Qualname("torchvision.ops.stochastic_depth.stochastic_depth")``),
+    for libraries tracer does not import itself: the rule matches the function or module class whose
+    ``__module__`` and ``__qualname__`` spell that path."""
+
+    path: str
+
+
+def qualname(target: Any) -> Qualname | None:
+    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    return Qualname(f"{module}.{name}") if isinstance(module, str) and isinstance(name, str) else None
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     fn: Callable
@@ -71,11 +85,12 @@ def rule(*targets: Any, layout: Any = Layout.TORCH, override: bool = False) -> C
 
 def lookup_module(cls: type) -> Rule | None:
     """A module class's rule; a subclass inherits its base's rule only if it keeps ``forward``."""
-    if cls in _RULES:
-        return _RULES[cls]
-    for base in cls.__mro__[1:]:
-        if base in _RULES and base is not torch.nn.Module:
-            return _RULES[base] if cls.forward is base.forward else None
+    for base in cls.__mro__:
+        if base is torch.nn.Module:
+            continue
+        found = _RULES.get(base) or _RULES.get(qualname(base))
+        if found is not None:
+            return found if base is cls or cls.forward is base.forward else None
     return None
 
 
@@ -83,9 +98,10 @@ def lookup(target: Any) -> Rule | None:
     if isinstance(target, type):
         return lookup_module(target)
     try:
-        return _RULES.get(target)
+        found = _RULES.get(target)
     except TypeError:  # unhashable target
         return None
+    return found if found is not None or not callable(target) else _RULES.get(qualname(target))
 
 
 def has_module_rule(module: torch.nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Axis-moving ops: reshapes, permutes, concatenation, splitting and indexing.
+"""Axis-moving ops: reshapes, permutes, concatenation, splitting, indexing and channel shuffles.
 
 Most of them move no data in Keras: a permute only changes which torch axis each physical
 axis holds, and a reshape runs on the physical tensor whenever the merged or split axes sit
@@ -159,6 +159,8 @@ def _is_element(node: OpNode, shapes: list) -> bool:
 
 def _getitem_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     phys = ins[0]
+    if phys is not None and phys.items is not None and isinstance(node.args[1], int):
+        return [phys], phys.items[node.args[1]]  # an element of a tuple whose elements differ in layout
     if phys is None or _is_element(node, shapes):  # element of a tuple: the tuple's layout
         same_rank = phys is None or node.shape is None or len(phys.perm) == node.rank
         return [phys], phys if same_rank else Phys.identity(node.rank)  # (MHA weights: other rank)
@@ -209,3 +211,22 @@ def _new_axes(index: list) -> list[int]:
         if not isinstance(i, int):
             pos += 1
     return axes
+
+
+def _channel_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    """Any layout in which torch's channel axis 1 is one Keras axis (not a flattened one)."""
+    rank = len(shapes[0])
+    phys = ins[0] if ins[0] is not None and ins[0].flat is None else Phys.identity(rank)
+    return [phys], phys
+
+
+@rule(nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle, torch.nn.functional.channel_shuffle,
+      torch.ops.aten.channel_shuffle.default, torch.ops.aten.native_channel_shuffle.default, layout=_channel_layout)
+def channel_shuffle(node: OpNode, ctx: Emit) -> Any:
+    """ShuffleNet's ``(B, g, C/g, ...) -> (B, C/g, g, ...)`` on channels: one gather with the permutation."""
+    groups = int(node.module.groups if node.module is not None else node.kw.get("groups", node.kw.get("arg1")))
+    channels = node.shape[1]
+    if channels % groups:
+        raise ValueError(f"channel_shuffle: {channels} channels do not split into groups={groups}")
+    perm = [g * (channels // groups) + c for c in range(channels // groups) for g in range(groups)]
+    return keras.ops.take(ctx.input(node, 0), perm, axis=node.in_layouts[0].axis(1))

@@ -121,11 +121,28 @@ def test_functional_pool(fn, args, kw):
     assert_converts(Functional(fn, *args, **kw), sample(n))
 
 
-# ---- unsupported -----------------------------------------------------------------------------
+# ---- dilation (Keras pooling has none: one strided slice per window tap) ----------------------
 
-def test_max_pool_dilation_raises():
-    with pytest.raises(ConversionError, match="dilation"):
-        assert_converts(Wrap(nn.MaxPool2d(3, 1, 1, dilation=2)), sample(2))
+@pytest.mark.parametrize("case", [
+    dict(kernel_size=3, stride=1, padding=1, dilation=2),
+    dict(kernel_size=2, stride=2, padding=0, dilation=3, ceil_mode=True),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1), dilation=(2, 3)),
+    dict(kernel_size=1, stride=2, dilation=2),
+    dict(kernel_size=1, stride=1, dilation=3),
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", ""))
+def test_max_pool2d_dilation(case):
+    assert_converts(Wrap(nn.MaxPool2d(**case)), sample(2))
+
+
+def test_max_pool1d_dilation_functional():
+    assert_converts(Functional(F.max_pool1d, 3, 2, 1, dilation=2, ceil_mode=True), sample(1))
+
+
+def test_max_pool_dilation_all_negative_padding_never_picked():
+    assert_converts(Wrap(nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True)), -10 - sample(2).abs())
+
+
+# ---- unsupported -----------------------------------------------------------------------------
 
 
 def test_max_pool_return_indices_raises():

@@ -368,3 +368,30 @@ def test_advanced_indexing_raises_clear_error():
     index = torch.tensor([0, 2])
     with pytest.raises(ConversionError, match="advanced indexing"):
         assert_converts(ConvThen(lambda m, y: y[:, index, :, index]), image())  # two index tensors
+
+
+# ---- channel shuffle --------------------------------------------------------------------------
+
+class ShuffleBlock(nn.Module):
+    """conv -> shuffle -> conv, so the shuffle runs on a channels-last map between two convs."""
+
+    def __init__(self, shuffle: Callable):
+        super().__init__()
+        self.a, self.b, self.shuffle = nn.Conv2d(3, 12, 1), nn.Conv2d(12, 5, 3, padding=1), shuffle
+
+    def forward(self, x):
+        return self.b(self.shuffle(self.a(x)))
+
+
+@pytest.mark.parametrize("shuffle", [nn.ChannelShuffle(3), nn.ChannelShuffle(4),
+                                     lambda y: torch.nn.functional.channel_shuffle(y, 2),
+                                     lambda y: torch.channel_shuffle(y, 6)],
+                         ids=["module-g3", "module-g4", "functional-g2", "torch-g6"])
+def test_channel_shuffle(shuffle):
+    result = assert_converts(ShuffleBlock(shuffle), torch.randn(1, 3, 6, 7, generator=torch.Generator().manual_seed(3)))
+    assert result.transpose_count == 2  # the NCHW input and output only: the shuffle is a gather
+
+
+def test_channel_shuffle_of_a_sequence():
+    seq = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ChannelShuffle(2))
+    assert_converts(seq, torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(4)))
