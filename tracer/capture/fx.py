@@ -59,7 +59,9 @@ def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     ``graph.graph["capture"]["batch"]`` says which.
     """
     from tracer.fixes.parametrizations import bake_parametrizations
+    from tracer.fixes.triton_llvm import isolate_triton_llvm
 
+    isolate_triton_llvm()  # before fx's stack traces or torch.export import torch._dynamo (and triton)
     if method not in CAPTURE_METHODS:
         raise InputError(f"capture must be one of {', '.join(CAPTURE_METHODS)}. Received: capture={method!r}")
     # an in-place forward (x.add_(1), relu_(x)) must not change the caller's sample tensors
