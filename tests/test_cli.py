@@ -1,7 +1,9 @@
 """CLI: a real conversion end to end, and every kind of bad input -> one line, exit 2, nothing written."""
 from __future__ import annotations
 
+import collections
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,6 +37,23 @@ MODEL_SRC = textwrap.dedent('''
 
     def not_a_module():
         return "hello"
+
+    class LayerScale(nn.Module):  # no rule: traced through, its parameter becomes a constant
+        def __init__(self, width):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.full((width, 1, 1), 0.5))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.scale = LayerScale(4)
+
+        def forward(self, x):
+            return self.scale(self.conv(x))
 
     class Unsupported(nn.Module):
         def forward(self, x):
@@ -91,8 +110,18 @@ def test_factory_weights_and_channels_last_io(model_file: Path, tmp_path: Path):
     ("bad shape text", ["{f}:Net", "--input-shape", "1,three,8"], "not a comma-separated list"),
     ("bad init json", ["{f}:Net", "--input-shape", "1,3,8,8", "--init-args", "{width: 3"], "not valid JSON"),
     ("bad init arg", ["{f}:Net", "--input-shape", "1,3,8,8", "--init-args", '{"depth": 3}'], "failed: TypeError"),
-    ("corrupt weights", ["{f}:Net", "--input-shape", "1,3,8,8", "--weights", "{corrupt}"], "cannot read weights"),
-    ("wrong weights", ["{f}:Net", "--input-shape", "1,3,8,8", "--weights", "{wrong}"], "do not fit the model"),
+    ("corrupt weights", ["{f}:Net", "--input-shape", "1,3,8,8", "--weights", "{corrupt}"],
+     "is not a PyTorch checkpoint"),
+    ("truncated weights", ["{f}:Net", "--input-shape", "1,3,8,8", "--weights", "{truncated}"],
+     "is not a PyTorch checkpoint torch.load can read"),
+    ("wrong weights", ["{f}:Net", "--input-shape", "1,3,8,8", "--weights", "{wrong}"],
+     "shape mismatches: conv.weight (1,) in the file, (8, 3, 3, 3) in the model"),
+    ("another model's weights", ["{f}:Net", "--input-shape", "1,3,8,8", "--weights", "{other}"],
+     "missing keys: conv.weight, conv.bias, bn.weight, ... (9 in all); unexpected keys: fc1.weight, fc1.bias; "
+     "no key in common"),
+    ("bad dtype", ["{f}:Net", "--input-shape", "1,3,8,8", "--input-dtype", "float"], "is not one of float32"),
+    ("missing inputs", ["{f}:Net", "--input-shape", "1,3,8,8", "--inputs", "none.npy"], "no such inputs file"),
+    ("int8 without data", ["{f}:Net", "--input-shape", "1,3,8,8", "--tflite", "int8"], "needs calibration data"),
     ("missing weights", ["{f}:Net", "--input-shape", "1,3,8,8", "--weights", "none.pt"], "no such weights file"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, args, message, model_file, tmp_path, capsys):
@@ -100,8 +129,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, args, message,
     corrupt.write_bytes(b"this is not a torch file")
     wrong = tmp_path / "wrong.pt"
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Sequential(collections.OrderedDict(fc1=torch.nn.Linear(2, 2))).state_dict(), other)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(other.read_bytes()[:60])  # a zip archive cut short
     out = tmp_path / "out"
-    subst = {"{f}": str(model_file), "{corrupt}": str(corrupt), "{wrong}": str(wrong)}
+    subst = {"{f}": str(model_file), "{corrupt}": str(corrupt), "{wrong}": str(wrong), "{other}": str(other),
+             "{truncated}": str(truncated)}
     args = [subst.get(a.split(":")[0], a.split(":")[0]) + a[len(a.split(":")[0]):] if a.startswith("{") else a
             for a in args]
     code = run_cli(*args, "-o", str(out), "-q")
@@ -167,3 +201,70 @@ def test_help_teaches():
     assert proc.returncode == 0
     for word in ("--input-shape", "--channels-last-io", "--weights", "exit codes", "examples:"):
         assert word in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["existing file", "under a file", "not writable"])
+def test_unusable_output_folder_refused_up_front(case, model_file, tmp_path, capsys):
+    """-o that cannot hold the result: exit 2 and one line before any conversion work (it used to
+    be exit 3, "internal error", after the whole conversion)."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file of the user's")
+    if case == "not writable":
+        if os.geteuid() == 0:  # root writes anywhere a chmod forbids; /proc refuses even root
+            if not Path("/proc").is_dir():
+                pytest.skip("needs a folder this user cannot write in")
+            out, want = Path("/proc/tracer_out"), "cannot write in /proc"
+        else:
+            locked = tmp_path / "locked"
+            locked.mkdir(mode=0o500)
+            out, want = locked / "out", "cannot write in"
+    else:
+        out = blocker if case == "existing file" else blocker / "out"
+        want = "is an existing file" if case == "existing file" else "is a file, so the folder cannot be created"
+    code = run_cli(f"{model_file}:Net", "--input-shape", "1,3,8,8", "-o", str(out), "-q")
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_INPUT, err
+    assert want in err and len(err.splitlines()) == 1
+    assert blocker.read_text() == "a file of the user's"
+
+
+def test_reused_output_folder_holds_one_conversion(model_file, tmp_path):
+    """An earlier conversion's files (a .tflite, report.html) do not stay beside the new model;
+    the user's own files in the folder do."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("model_fp32.tflite", "model_int8.tflite", "report.html"):
+        (out / stale).write_bytes(b"from another model")
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(f"{model_file}:Net", "--input-shape", "1,3,8,8", "-o", str(out), "-q", "--no-saved-model") == EXIT_OK
+    assert sorted(p.name for p in out.iterdir()) == ["model.keras", "notes.txt", "report.json"]
+
+
+def test_parity_failure_does_not_leave_an_earlier_model(tmp_path):
+    """Only report.json is written when parity fails: an earlier model.keras there is removed too."""
+    from tracer.emitter.save import save_outputs
+    out = tmp_path / "out"
+    (out / "saved_model").mkdir(parents=True)
+    (out / "model.keras").write_bytes(b"an earlier model")
+    save_outputs(None, out, {"parity": {"ok": False}}, keras_file=False, saved_model=False)
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+
+
+def test_learnable_parameter_that_freezes_is_reported(model_file, tmp_path, capsys):
+    """A trainable nn.Parameter used in a module without a rule becomes a frozen Keras constant:
+    said on the console and in report.json (it used to be rc 0 with notes: [] and no word)."""
+    out = tmp_path / "out"
+    assert run_cli(f"{model_file}:Scaled", "--input-shape", "1,3,8,8", "-o", str(out), "-q",
+                   "--no-saved-model") == EXIT_OK
+    err = capsys.readouterr().err
+    assert "tracer: warning: trainable parameter scale.gamma (used in scale at " in err
+    assert "is a frozen constant in the Keras model" in err
+    notes = json.loads((out / "report.json").read_text())["conversion"]["notes"]
+    assert [n for n in notes if "scale.gamma" in n and "frozen" in n]
+
+
+def test_parameters_kept_trainable_are_not_reported(model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(f"{model_file}:Net", "--input-shape", "1,3,8,8", "-o", str(out), "-q", "--no-saved-model") == EXIT_OK
+    assert "frozen" not in capsys.readouterr().err
+    assert not json.loads((out / "report.json").read_text())["conversion"]["notes"]

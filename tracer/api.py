@@ -17,10 +17,13 @@ from tracer.op_rules.registry import has_module_rule, lookup
 from tracer.capture.fx import capture as capture_graph
 from tracer.errors import InputError, ParityError
 from tracer.ir import Phys, ordered, target_name
+from tracer.verify.trainable import note_frozen
 from tracer.verify.parity import DEFAULT_TOL, ParityReport, check_parity
 from tracer.passes.pipeline import run_passes
+from tracer.progress import Progress, as_progress
 
 log = logging.getLogger("tracer")
+_API_STAGES = ("capture", "passes", "emission", "parity", "tflite")
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ConversionResult:
     tflite: dict[str, bytes] = field(default_factory=dict)  # kind -> .tflite flatbuffer
     tflite_reports: dict[str, Any] = field(default_factory=dict)  # kind -> litert_check.LiteRTReport
     node_tensors: dict[str, Any] = field(default_factory=dict)  # node name -> Keras tensor in its layout (verify)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # capture, passes, emission, parity, tflite
 
     @property
     def transpose_count(self) -> int:
@@ -79,13 +83,13 @@ def _as_tuple(sample: Any) -> tuple[torch.Tensor, ...]:
 def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io: bool = False, fold_bn: bool = False,
                   check: bool = True, n_random: int = 3, extra_inputs: Sequence[Sequence[np.ndarray]] = (),
                   tol: float = DEFAULT_TOL, raise_on_mismatch: bool = True, capture: str = "auto",
-                  progress: Callable[[str], None] | None = None, tflite: Sequence[str] = (), calib: Any = None,
+                  progress: Callable[[str], None] | Progress | None = None, tflite: Sequence[str] = (), calib: Any = None,
                   int8_io: bool = False, random_calibration: bool = False,
                   allow_flex: bool = False) -> ConversionResult:
     """Convert and (by default) prove parity. See :func:`convert` for the arguments."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    say = progress or (lambda msg: log.info(msg))
+    say = as_progress(progress or (lambda msg: log.info(msg)))
     inputs = _as_tuple(sample_input)
     if tflite:
         from tracer.emitter.tflite import check_options
@@ -94,15 +98,18 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
     model.eval()
     try:
         start = time.perf_counter()
-        say("capturing with torch.export" if capture == "export" else "capturing with torch.fx")
-        graph = capture_graph(model, inputs, has_module_rule, method=capture)
+        with say.stage("capture", "with torch.export" if capture == "export" else "with torch.fx"):
+            graph = capture_graph(model, inputs, has_module_rule, method=capture)
         how = graph.graph.get("capture", {"method": capture})
         if how["method"] != "fx" and capture != "export":
             say(f"captured with {how['method']} instead: {how['reason']}")
-        graph = run_passes(graph, channels_last_io, fold_bn)
+        with say.stage("passes"):
+            graph = run_passes(graph, channels_last_io, fold_bn)
         n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
-        say(f"emitting Keras for {n_nodes} operations")
-        keras_model, ctx = build_model(graph, name=type(model).__name__, progress=_every_quarter(say))
+        with say.stage("emission", f"Keras for {n_nodes} operations"):
+            keras_model, ctx = build_model(graph, name=type(model).__name__, progress=say.advance)
+        if not fold_bn:  # an inference model by request; otherwise a learnable parameter must not freeze silently
+            note_frozen(graph, keras_model)
         seconds = time.perf_counter() - start
         out_node = next(n for n in ordered(graph) if n.kind == "output")
         result = ConversionResult(
@@ -111,19 +118,21 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
             output_layouts=_output_layouts(out_node), seconds=seconds, transposes=ctx.transposes,
             node_tensors=dict(ctx.tensors))
         if check:
-            say(f"checking parity on {1 + n_random + len(extra_inputs)} inputs")
             sample = [t.detach().cpu().numpy() for t in inputs]
-            result.report = check_parity(model, keras_model, sample, result.input_layouts,
-                                         result.output_layouts, n_random=n_random, extra=extra_inputs, tol=tol,
-                                         graph=graph, node_tensors=result.node_tensors)
+            with say.stage("parity", f"checking on {1 + n_random + len(extra_inputs)} inputs"):
+                result.report = check_parity(model, keras_model, sample, result.input_layouts,
+                                             result.output_layouts, n_random=n_random, extra=extra_inputs, tol=tol,
+                                             graph=graph, node_tensors=result.node_tensors)
             if raise_on_mismatch and not result.report.ok:
                 raise ParityError(result.report)
         if tflite:
-            _export_tflite(result, model, inputs, tflite, check=check, n_random=n_random, extra=extra_inputs,
-                           tol=tol, raise_on_mismatch=raise_on_mismatch, say=say, calib=calib, int8_io=int8_io,
-                           random_calibration=random_calibration, allow_flex=allow_flex)
+            with say.stage("tflite", ", ".join(tflite)):
+                _export_tflite(result, model, inputs, tflite, check=check, n_random=n_random, extra=extra_inputs,
+                               tol=tol, raise_on_mismatch=raise_on_mismatch, say=say, calib=calib, int8_io=int8_io,
+                               random_calibration=random_calibration, allow_flex=allow_flex)
     finally:
         model.train(was_training)
+    result.stage_seconds = {k: round(v, 3) for k, v in say.times.items() if k in _API_STAGES}
     keras_model.tracer_result = result
     return result
 
@@ -138,14 +147,6 @@ def _export_tflite(result: ConversionResult, model: torch.nn.Module, inputs: tup
     for report in result.tflite_reports.values():
         if raise_on_mismatch and not report.ok:
             raise ParityError(report)
-
-
-def _every_quarter(say: Callable[[str], None]) -> Callable[[int, int], None]:
-    """Progress for long emissions: a line at 25/50/75% of the nodes of graphs over 200 nodes."""
-    def report(k: int, n: int) -> None:
-        if n > 200 and k in {n // 4, n // 2, 3 * n // 4}:
-            say(f"  {k}/{n} nodes emitted")
-    return report
 
 
 def _output_layouts(out_node) -> list[Phys]:

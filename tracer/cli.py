@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from typing import Any
 
-from tracer.inputs import check_runs, load_inputs, load_model, load_weights, make_sample, parse_shape
+from pathlib import Path
 
-EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_CONVERT = 0, 1, 2, 3
+from tracer.inputs import (check_dtypes, check_file, check_output_dir, check_runs, check_target, check_weights_file,
+                           load_inputs, load_model, load_weights, make_sample, parse_init, parse_shape)
+from tracer.progress import Progress
+
+EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_CONVERT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """\
 examples:
@@ -77,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     c.add_argument("-q", "--quiet", action="store_true", help="print only errors and the verdict")
     _add_verify_command(sub)
+    from tracer.batch.command import add_parser as add_batch_command  # light: no torch / TensorFlow
+    add_batch_command(sub)
     return p
 
 
@@ -134,15 +139,22 @@ def _tflite_outputs(result: Any) -> tuple[dict, dict[str, bytes]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    track = Progress(quiet=args.quiet)
     try:
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.showwarning = _warning_line
-            return _verify_command(args) if args.command == "verify" else _convert(args)
+            if args.command == "batch":
+                from tracer.batch.command import main as batch_main
+                return batch_main(args)
+            return _verify_command(args) if args.command == "verify" else _convert(args, track)
     except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return EXIT_CONVERT
+        track.close()
+        wrote = "writing" in track.times or track.current == "writing"
+        print(f"tracer: interrupted{'' if wrote else '; nothing written'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # one clear line (or the rule listing) unless --debug
+        track.close()
         from tracer.errors import InputError, TracerError
         if args.debug:
             raise
@@ -152,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, TracerError):
             print("  rerun with --debug for the traceback", file=sys.stderr)
         return code
+    finally:
+        track.close()
 
 
 def _warning_line(message: Any, category: type, filename: str, lineno: int, file: Any = None,
@@ -160,31 +174,62 @@ def _warning_line(message: Any, category: type, filename: str, lineno: int, file
     print(f"tracer: warning: {message}", file=sys.stderr)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    say = (lambda m: None) if args.quiet else (lambda m: print(f"[tracer] {m}", file=sys.stderr, flush=True))
+def run_convert(argv: list[str]) -> int:
+    """``tracer convert ARGV`` without the one-line error handling: exceptions propagate (for
+    ``tracer batch``, which classifies them). Returns the exit code of a finished conversion."""
+    args = build_parser().parse_args(["convert", *argv])
+    track = Progress(quiet=args.quiet)
+    try:
+        return _convert(args, track)
+    finally:
+        track.close()
+
+
+def check_convert_args(args: argparse.Namespace) -> tuple[list[list[int]], list[str]]:
+    """Everything about the command line that can be wrong, checked before torch or TensorFlow is
+    imported (each error is one line, exit 2, in well under a second): shapes, dtypes, the model
+    file, --init-args, the files named, the TFLite options and the output folder."""
     from tracer.errors import InputError
     shapes = [parse_shape(s) for s in args.input_shape]
     dtypes = args.input_dtype or ["float32"] * len(shapes)
-    if len(dtypes) != len(shapes):
-        raise InputError(f"{len(dtypes)} --input-dtype given for {len(shapes)} --input-shape")
-    say("importing torch and TensorFlow")
-    from tracer.api import convert_model
-    from tracer.emitter.save import save_outputs
-
-    model = load_model(args.target, args.init_args)
+    check_dtypes(dtypes, len(shapes))
+    check_target(args.target)
+    parse_init(args.init_args)
     if args.weights:
-        load_weights(model, args.weights)
-    sample = make_sample(shapes, dtypes, args.inputs)
-    check_runs(model, sample, shapes)
-    extra = [load_inputs(f, len(shapes)) for f in args.inputs]
-    start = time.perf_counter()
+        check_weights_file(args.weights)
+    for path in args.inputs:
+        check_file(path, "inputs")
+    if args.int8_io and "int8" not in args.tflite:
+        raise InputError("--int8-io applies to the int8 model only; add --tflite int8")
+    if "int8" in args.tflite and args.calib is None and not args.random_calibration:
+        raise InputError("--tflite int8 needs calibration data: --calib FILE.npy|DIR with real samples "
+                         "(--random-calibration calibrates on noise, which makes the int8 accuracy meaningless)")
+    if args.calib is not None and not Path(args.calib).exists():
+        raise InputError(f"calibration path {args.calib} does not exist")
+    check_output_dir(args.output)
+    return shapes, dtypes
+
+
+def _convert(args: argparse.Namespace, track: Progress) -> int:
+    shapes, dtypes = check_convert_args(args)
+    with track.stage("start-up", "importing torch and TensorFlow, building the model"):
+        from tracer.backends import import_quietly
+        import_quietly()
+        from tracer.api import convert_model
+        from tracer.emitter.save import save_outputs
+
+        model = load_model(args.target, args.init_args)
+        if args.weights:
+            load_weights(model, args.weights)
+        sample = make_sample(shapes, dtypes, args.inputs)
+        check_runs(model, sample, shapes)
+        extra = [load_inputs(f, len(shapes)) for f in args.inputs]
     result = convert_model(model, sample, channels_last_io=args.channels_last_io, fold_bn=args.fold_bn,
                            n_random=args.random_inputs,
-                           extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=say, capture=args.capture,
+                           extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=track, capture=args.capture,
                            **_tflite_options(args))
     report = {"target": args.target, "input_shapes": shapes, "parity": result.report.to_dict(),
-              "conversion": result.facts(), "total_seconds": round(time.perf_counter() - start, 3),
-              "invocation": _invocation(args, shapes, dtypes)}
+              "conversion": result.facts(), "invocation": _invocation(args, shapes, dtypes)}
     tflite_section, tflite_files = _tflite_outputs(result)
     if tflite_section:
         report["tflite"] = tflite_section
@@ -195,22 +240,30 @@ def _convert(args: argparse.Namespace) -> int:
     deep_ok = True
     if args.verify == "deep":  # the model is written on output parity; the exit code includes the deep checks
         from tracer.verify.command import verify_for_convert
-        deep_ok = verify_for_convert(model, result, sample, extra, args, report, say)
-    if ok or args.keep_on_mismatch:
-        say(f"writing {args.output}/ (model.keras{'' if args.no_saved_model else ', saved_model/'}, report.json"
-            f"{''.join(', ' + f for f in tflite_files)})")
-        save_outputs(result.keras_model, args.output, report, saved_model=not args.no_saved_model,
-                     extra_files=tflite_files)
-    else:
-        save_outputs(result.keras_model, args.output, report, keras_file=False, saved_model=False)
+        with track.stage("verify", "every node, gradients and one training step"):
+            deep_ok = verify_for_convert(model, result, sample, extra, args, report, track)
+    keep = ok or args.keep_on_mismatch
+    files = ("model.keras" + ("" if args.no_saved_model else ", saved_model/") + ", " if keep else "") + "report.json"
+    with track.stage("writing", f"{args.output}/ ({files}{''.join(', ' + f for f in tflite_files) if keep else ''})"):
+        report["stage_seconds"] = {k: round(v, 3) for k, v in track.times.items()}
+        report["total_seconds"] = round(track.total(), 3)  # up to writing; the printed total includes it
+        if keep:
+            save_outputs(result.keras_model, args.output, report, saved_model=not args.no_saved_model,
+                         extra_files=tflite_files, progress=track)
+        else:
+            save_outputs(result.keras_model, args.output, report, keras_file=False, saved_model=False)
+        if args.verify == "deep":
+            from tracer.verify.report_html import write_html
+            write_html(args.output, report)
+    if not keep:
         print(f"tracer: parity failed; wrote only {args.output}/report.json "
               "(--keep-on-mismatch writes the model too)", file=sys.stderr)
-    if args.verify == "deep":
-        from tracer.verify.report_html import write_html
-        write_html(args.output, report)
     facts = result.facts()
-    print(f"converted in {facts['seconds']:.2f}s: {facts['nodes']} ops, {facts['transpose_ops']} Transpose, "
+    track.close()
+    print(f"converted in {track.total():.2f}s: {facts['nodes']} ops, {facts['transpose_ops']} Transpose, "
           f"{facts['keras_params']:,} parameters -> {args.output}/")
+    if not args.quiet:
+        print(track.summary())
     return EXIT_OK if ok and deep_ok else EXIT_PARITY
 
 

@@ -8,6 +8,7 @@ import inspect
 import operator
 import os
 import re
+from dataclasses import replace
 from typing import Any
 
 import networkx as nx
@@ -182,14 +183,20 @@ def build_graph(gm: fx.GraphModule, rec: Recorder) -> nx.DiGraph:
     graph = nx.DiGraph()
     modules = dict(gm.named_modules())
     folded: dict[str, Any] = {}  # node name -> constant value inlined into consumers
+    params: dict[str, tuple[str, ...]] = {}  # node name -> the trainable parameters its value comes from
     order: list[str] = []
     for n in gm.graph.nodes:
         result = rec.results.get(n.name)
+        params[n.name] = ((n.target,) if n.op == "get_attr" and isinstance(result, torch.nn.Parameter)
+                          and result.requires_grad else
+                          tuple(dict.fromkeys(p for i in n.all_input_nodes for p in params[i.name])))
         is_const = n.op not in ("placeholder", "output") and n.name not in rec.dynamic
         if n.op not in ("placeholder", "output") and not _has_tensor(result):  # sizes, shape arithmetic
             folded[n.name] = result
             continue
         node = _make_node(n, result, is_const, folded, modules)
+        if node.is_constant and params[n.name]:  # verify/trainable.py warns if these end up frozen
+            node = replace(node, kw={**node.kw, "parameters": params[n.name]})
         graph.add_node(node.name, **{OP: node})
         for src in node.inputs:
             graph.add_edge(src, node.name)
