@@ -82,6 +82,9 @@ def test_convert_writes_model_savedmodel_and_report(model_file: Path, tmp_path: 
     assert report["parity"]["ok"] is True
     assert report["parity"]["max_abs"] <= 1e-5
     assert len(report["parity"]["trials"]) == 4
+    stages = report["stage_seconds"]
+    assert list(stages) == ["start-up", "capture", "passes", "emission", "parity"]
+    assert report["total_seconds"] >= sum(stages.values()) - 0.01
     assert "parity: OK" in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 

@@ -53,17 +53,19 @@ class Progress:
             self._show(name, message)  # the bar shows the message while the stage runs
         elif message:
             self(f"{name}: {message}")
-        started = time.perf_counter()
+        started, finished = time.perf_counter(), False
         try:
             yield self
+            finished = True
         finally:
             seconds = time.perf_counter() - started
             self.times[name] = self.times.get(name, 0.0) + seconds
-            self._current = outer
+            self._current = name if not finished else outer  # an error or Ctrl-C names the stage it stopped
             if self._live is not None:
                 self._live.remove_task(self._task)
                 self._task = None
-            self(f"{name}: {seconds:.2f}s" + (f" ({message})" if message and self._live is not None else ""))
+            if finished:
+                self(f"{name}: {seconds:.2f}s" + (f" ({message})" if message and self._live is not None else ""))
 
     def advance(self, done: int, total: int) -> None:
         """Progress inside the current stage (``done`` of ``total`` steps)."""
