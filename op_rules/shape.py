@@ -125,7 +125,7 @@ def split(node: OpNode, ctx: Emit) -> Any:
         size = shape[dim % rank]
         sl = [[None, None, None] for _ in range(rank)]
         sl[axis] = [start, start + size, None]
-        outs.append(L.StridedSlice(sl, name=ctx.name(node, str(k)))(x))
+        outs.append(L.strided_slice(x, sl))
         start += size
     return tuple(outs)
 
@@ -193,7 +193,7 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
                                   "it; a Keras model keeps axis 0 as its batch axis: slice it instead (x[0:1])")
     spec = [[i, i + 1 if i != -1 else None, None] if isinstance(i, int) else [i.start, i.stop, i.step]
             for i in per_axis]
-    y = L.StridedSlice(spec, name=ctx.name(node))(x) if any(s != [None, None, None] for s in spec) else x
+    y = L.strided_slice(x, spec) if any(s != [None, None, None] for s in spec) else x
     drop = [a for a, i in enumerate(per_axis) if isinstance(i, int)]
     if drop:
         y = keras.ops.squeeze(y, axis=tuple(drop))

@@ -29,11 +29,14 @@ class Phys:
     ``perm[i]`` is the torch axis stored at Keras axis ``i``. ``flat`` is set when the last
     Keras axis holds torch's trailing axes flattened in another order:
     ``(torch_trailing_shape, order)``, ``order`` being the trailing axes in the order they
-    were flattened. That lets a Linear absorb the permutation into its weights.
+    were flattened. That lets a Linear absorb the permutation into its weights. ``items`` is set
+    on a tuple result whose elements have different layouts (an RNN's output and its state): the
+    tuple's own ``perm`` is its first element's, and ``getitem`` hands each element its layout.
     """
 
     perm: tuple[int, ...]
     flat: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    items: tuple["Phys", ...] | None = None  # a tuple result: each element's own layout (RNN outputs)
 
     @staticmethod
     def identity(rank: int) -> "Phys":
