@@ -19,7 +19,9 @@ from tracer.emitter.tflite import calibration_samples, check_options, export_tfl
 from tracer.ir import Phys
 from tracer.verify.parity import DEFAULT_TOL, ParityReport, check_parity, flatten_outputs
 
-STRICT_KINDS = ("fp32",)  # held to the tolerance; the others are reported only
+STRICT_KINDS = ("fp32",)  # held to the tolerance; the others are reported and judged
+# error relative to the output's largest value: good up to the first, fair up to the second, else poor
+QUALITY = {"fp16": (1e-2, 5e-2), "dynamic": (5e-2, 0.2), "int8": (5e-2, 0.2)}
 
 
 class LiteRTRunner:
@@ -116,10 +118,42 @@ class LiteRTReport:
     def ok(self) -> bool:
         return self.parity.ok if self.strict else True
 
+    def judgement(self) -> tuple[str, float, str]:
+        """(good | fair | poor, the relative error judged, what it was judged on) for the quantized
+        kinds: the error relative to each output's largest value, on the calibration samples
+        (real data) when there are some, else on all inputs; top-1 agreement under 90% is poor."""
+        trials = [t for t in self.parity.trials if t.label == self.calib_trial] or self.parity.trials
+        on = "the calibration samples" if self.calib_trial and trials[0].label == self.calib_trial else "all inputs"
+        rel = max((o.max_abs / max(o.max_ref, 1e-12) for t in trials for o in t.outputs), default=0.0)
+        good, fair = QUALITY.get(self.kind, (self.parity.tolerance, self.parity.tolerance))
+        agree = self.top1_by_trial.get(self.calib_trial or "") or self.top1_agreement
+        verdict = "good" if rel <= good else "fair" if rel <= fair else "poor"
+        if any(a is not None and a < 0.9 for a in agree):
+            verdict = "poor"
+        return verdict, rel, on
+
+    def advice(self) -> str:
+        """What to do about a poor quantized result ("" otherwise)."""
+        verdict, rel, on = self.judgement()
+        if verdict != "poor":
+            return ""
+        if self.kind == "int8" and not self.calib_trial:
+            return (f"  int8 is off by {100 * rel:.0f}% of the output's range: it was calibrated on random inputs "
+                    "(--random-calibration), so its ranges are not your data's; pass --calib with real samples")
+        if self.kind == "int8":
+            return (f"  int8 is off by {100 * rel:.0f}% of the output's range on {on}: check that --calib holds real "
+                    "inputs preprocessed exactly as the model's (PyTorch layout, same scaling and normalization) and "
+                    "enough of them (a few hundred); int8 I/O or layers that quantize badly (softmax, layer norm) "
+                    "can also cost accuracy: try --tflite dynamic or fp16")
+        return f"  {self.kind} is off by {100 * rel:.0f}% of the output's range on {on}"
+
     def summary(self) -> str:
         agree = ", ".join("-" if a is None else f"{100 * a:.1f}%" for a in self.top1_agreement)
-        head = (f"tflite {self.kind}: {'OK' if self.parity.ok else 'MISMATCH'}" if self.strict
-                else f"tflite {self.kind}: reported")
+        if self.strict:
+            head = f"tflite {self.kind}: {'OK' if self.parity.ok else 'MISMATCH'}"
+        else:
+            verdict, rel, on = self.judgement()
+            head = f"tflite {self.kind}: {verdict.upper() if verdict == 'poor' else verdict} ({100 * rel:.2g}% of range)"
         line = f"{head}  max abs {self.parity.max_abs:.3e}  scaled {self.parity.max_rel:.3e}"
         if any(a is not None for a in self.top1_agreement):
             line += f"  top-1 agreement {agree}"
@@ -128,10 +162,14 @@ class LiteRTReport:
                 line += " (on calibration samples: " + ", ".join(
                     "-" if a is None else f"{100 * a:.1f}%" for a in calib) + ")"
         line += f"  ({self.size_bytes:,} bytes)"
+        if not self.strict and self.advice():
+            line += "\n" + self.advice()
         return line if self.ok else line + "\n" + self.parity.summary()
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "strict": self.strict, "ok": self.ok, "max_abs": self.parity.max_abs,
+        judged = {} if self.strict else dict(zip(("judgement", "relative_error", "judged_on"), self.judgement()),
+                                               advice=self.advice().strip())
+        return {"kind": self.kind, "strict": self.strict, "ok": self.ok, **judged, "max_abs": self.parity.max_abs,
                 "max_rel": self.parity.max_rel, "top1_agreement": self.top1_agreement,
                 "top1_by_trial": self.top1_by_trial, "calib_trial": self.calib_trial,
                 "size_bytes": self.size_bytes, "ops": self.ops, "parity": self.parity.to_dict()}

@@ -75,6 +75,12 @@ class NodeDiff:
 
 
 GRADIENT_KINDS = ("gradient", "sgd_step", "bn_stats", "unmapped")  # problems found by tracer.verify.gradcheck
+CHECKS = {  # problem kind -> the check that found it, as the summary names it
+    "tolerance": "per-node parity", "nonfinite": "per-node parity (NaN/Inf)", "shape": "per-node shapes",
+    "constant_output": "input dependence", "capture": "captured graph", "saved_model": "model.keras reload",
+    "tflite": "fp32 TFLite nodes", "gradient": "gradient parity", "sgd_step": "training step",
+    "bn_stats": "BatchNorm statistics", "unmapped": "gradient mapping",
+}
 
 
 @dataclass(frozen=True)
@@ -114,10 +120,22 @@ class VerifyReport:
     def max_node_error(self) -> float:
         return max((n.error for n in self.nodes), default=0.0)
 
+    def failed_checks(self) -> list[str]:
+        """The checks that failed, in the order found, each with how many problems it raised."""
+        counts: dict[str, int] = {}
+        for p in self.problems:
+            check = ("output parity" if p.kind in ("tolerance", "nonfinite") and p.where.startswith("output ")
+                     else CHECKS.get(p.kind, p.kind))
+            counts[check] = counts.get(check, 0) + 1
+        if not self.outputs.ok and "output parity" not in counts:
+            counts = {"output parity": sum(not t.ok for t in self.outputs.trials), **counts}
+        return [f"{check} ({n} {'problem' if n == 1 else 'problems'})" for check, n in counts.items()]
+
     def summary(self) -> str:
-        lines = [f"deep verify: {'OK' if self.ok else 'FAILED'} ({len(self.nodes)} nodes compared on "
-                 f"{len(self.outputs.trials)} inputs; max node error {self.max_node_error:.3e}, "
-                 f"tolerance {self.node_tolerance:g})"]
+        failed = self.failed_checks()
+        nodes = (f"{len(self.nodes)} nodes compared on {len(self.outputs.trials)} inputs; max node error "
+                 f"{self.max_node_error:.3e}, tolerance {self.node_tolerance:g}")
+        lines = [f"deep verify: OK ({nodes})" if self.ok else f"deep verify: FAILED: {', '.join(failed)} ({nodes})"]
         first = self.first_divergence
         if first is not None:
             lines += [f"  first divergence: {first.describe()}",
@@ -138,7 +156,7 @@ class VerifyReport:
     def to_dict(self) -> dict:
         def node(n: NodeDiff) -> dict:
             return {**asdict(n), "source": n.source}
-        return {"ok": self.ok, "verdict": "parity" if self.ok else "parity failed",
+        return {"ok": self.ok, "verdict": "parity" if self.ok else "parity failed", "failed_checks": self.failed_checks(),
                 "tolerance": self.tolerance, "node_tolerance": self.node_tolerance, "inputs": self.inputs,
                 "max_node_error": self.max_node_error,
                 "first_divergence": node(self.first_divergence) if self.first_divergence else None,
