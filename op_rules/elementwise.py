@@ -63,33 +63,77 @@ def _binary(kname: str):
 def _apply(node: OpNode, ctx: Emit, kname: str, a: Any, b: Any) -> Any:
     ka, kb = isinstance(a, keras.KerasTensor), isinstance(b, keras.KerasTensor)
     if ka and kb:
-        return getattr(keras.ops, kname)(a, b)
+        return add(a, b) if kname == "add" else getattr(keras.ops, kname)(a, b)
     if not ka and not kb:
         raise ValueError("neither operand depends on the model inputs")
     tensor, other = (a, b) if ka else (b, a)
     if kname == "multiply" and isinstance(other, (int, float, np.number)) and "float" in str(tensor.dtype):
         other = np.asarray(other, np.float32)  # see scale()
     if isinstance(other, np.ndarray):
-        layer = L.ConstBinary(kname, other.shape, const_first=not ka, name=ctx.name(node),
-                              value_dtype=str(other.dtype) if other.dtype != np.float64 else "float32")
-        out = layer(tensor)
-        L.set_value(layer, "value", other)
-        return out
+        const_first = not ka
+        if kname == "add" and other.ndim:  # see add(): the constant goes first unless that is unsafe too
+            order = _add_order(tuple(tensor.shape), other.shape)
+            if order == "negate":
+                kname, other, const_first = "subtract", -other, False
+            else:
+                const_first = order == "swap"
+        c = ctx.constant(other, ctx.name(node))
+        c = c if c.dtype == tensor.dtype else keras.ops.cast(c, tensor.dtype)
+        return getattr(keras.ops, kname)(*((c, tensor) if const_first else (tensor, c)))
     return getattr(keras.ops, kname)(a, b)
 
 
+def add(a: Any, b: Any) -> Any:
+    """``a + b`` for two Keras tensors, never broadcast along the wrong axis.
+
+    Works around Keras 3.15 (TensorFlow backend, ``keras/src/backend/tensorflow/numpy.py``
+    ``add``): ``keras.ops.add(x1, x2)`` becomes ``tf.nn.bias_add`` whenever ``x2`` squeezes to
+    one axis whose size equals ``x1``'s axis 1 or last axis, and takes it as the last axis
+    whenever the sizes allow - so ``x + p`` with ``p`` (1, C, 1, 1) on (B, C, H, C) adds ``p``
+    along W, and a (B, C, L) + (1, C, 1) add becomes an NCHW BiasAdd that LiteRT cannot convert.
+    The operand that cannot squeeze to one axis goes second (addition commutes exactly); when
+    both can, ``a - (-b)`` (exact too). Delete when Keras' TF ``add`` checks the axis position.
+    """
+    order = _add_order(tuple(a.shape), tuple(b.shape))
+    if order == "negate":
+        return keras.ops.subtract(a, keras.ops.negative(b))
+    return keras.ops.add(b, a) if order == "swap" else keras.ops.add(a, b)
+
+
+def _add_order(a: tuple, b: tuple) -> str:
+    """"keep" when ``add(a, b)`` is safe as written, "swap" for ``add(b, a)``, else "negate".
+
+    Shapes are static (None where unknown: at run time such an axis may be 1)."""
+    if _bias_safe(a, b):
+        return "keep"
+    return "swap" if _bias_safe(b, a) else "negate"
+
+
+def _bias_safe(x1: tuple, x2: tuple) -> bool:
+    """Whether Keras' bias_add shortcut cannot misfire for ``add(x1, x2)`` at any run-time size."""
+    if len(x1) <= 1 or sum(1 for d in x2 if d is not None and d > 1) >= 2:
+        return True  # never a bias: x1 is a vector, or x2 keeps two axes after squeezing
+    if len(x1) == len(x2) == 2 and x1[-1] == x2[-1]:
+        return True  # (B, C) + (B, C): a bias on the last axis, the right one
+    if any(d is None for d in x2):
+        return False  # may squeeze to one axis at run time (batch 1)
+    if all(d == 1 for d in x2):
+        return True
+    # x2 is a fixed bias: right only as a trailing vector over x1's own last axis
+    n = max(x2)
+    return x2[-1] == n and len(x2) <= len(x1) and x1[-1] == n
+
+
 def scale(x: Any, factor: float, name: str) -> Any:
-    """``x * factor`` for a Keras tensor ``x`` and a Python number, as a ConstBinary layer.
+    """``x * factor`` for a Keras tensor ``x`` and a Python number, the number a constant tensor.
 
     Works around Keras 3.15: ``keras.ops.multiply`` with a Python or NumPy scalar operand marks
     its symbolic result sparse (``Multiply.compute_output_spec`` reads the scalar's missing
     ``sparse`` attribute as True), so a layer called on that result is traced with a SparseTensor
     and infers a wrong shape. Delete when ``keras.ops.multiply(x, 2.0).sparse`` is False.
     """
-    layer = L.ConstBinary("multiply", (), name=name)
-    out = layer(x)
-    L.set_value(layer, "value", np.asarray(factor, np.float32))
-    return out
+    c = L.constant(L.unit(x), np.asarray(factor, np.float32), name)
+    return keras.ops.multiply(x, c if c.dtype == x.dtype else keras.ops.cast(c, x.dtype))
 
 
 for _name, _targets in _BINARY.items():

@@ -51,9 +51,22 @@ def layer_norm(node: OpNode, ctx: Emit) -> Any:
                                             center=beta is not None, scale=gamma is not None,
                                             name=ctx.name(node))
     weights = [np.transpose(np.asarray(w, np.float32), order) for w in (gamma, beta) if w is not None]
-    y = call_with_weights(layer, x, weights)
+    y = call_with_weights(layer, centered(x, axes), weights)
     layer.trainable = trainable(node)
     return y
+
+
+def centered(x: Any, axes: list[int]) -> Any:
+    """``x - mean(x)`` over ``axes``: the input a Keras LayerNormalization needs to match PyTorch.
+
+    Works around Keras 3.15 ``ops.layer_normalization``, which computes ``x * inv + (beta -
+    mean * inv)``: on rows with a large mean (rows of 10.0 and up) the two terms cancel and
+    lose digits PyTorch keeps by computing ``(x - mean) * inv``. Centered rows have mean ~0, so
+    the same formula is then exact to fp32 rounding. Built-in ops only (the model still loads in
+    safe mode); LayerNorm is invariant to the shift, gradients included. Delete when Keras
+    normalizes ``x - mean``.
+    """
+    return keras.ops.subtract(x, keras.ops.mean(x, axis=axes, keepdims=True))
 
 
 def _group_norm_weights(node: OpNode, ctx: Emit) -> tuple[Any, Any]:
@@ -111,6 +124,7 @@ def layer_norm_module(ctx: Emit, x: Any, m: nn.LayerNorm, name: str, train: bool
     beta = None if m.bias is None else m.bias.detach().cpu().numpy()
     layer = keras.layers.LayerNormalization(axis=list(range(rank - k, rank)), epsilon=float(m.eps),
                                             center=beta is not None, scale=gamma is not None, name=name)
-    y = call_with_weights(layer, x, [np.asarray(w, np.float32) for w in (gamma, beta) if w is not None])
+    axes = list(range(rank - k, rank))
+    y = call_with_weights(layer, centered(x, axes), [np.asarray(w, np.float32) for w in (gamma, beta) if w is not None])
     layer.trainable = train
     return y

@@ -27,8 +27,11 @@ class Cancelling(nn.Module):
 
 
 def test_fp32_limited_mismatch_is_explained_not_hidden():
+    """Seeded. Measured on torch 2.13 / TensorFlow 2.21: Keras's error is 2.35x, 1.39x and 1.45x PyTorch's own fp32
+    error on these three trials (0.54x-3.06x over 60 seeds), under FP32_NOISE_FACTOR = 4."""
     model = Cancelling().eval()
-    result = convert_model(model, torch.randn(4, 256), n_random=2, raise_on_mismatch=False)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    result = convert_model(model, x, n_random=2, raise_on_mismatch=False)
     report = result.report
     assert not report.ok  # the tolerance is not relaxed
     failed = [t for t in report.trials if not t.ok]
@@ -51,7 +54,8 @@ class GeluNet(nn.Module):
 
 def test_wrong_rule_is_called_a_conversion_error():
     with broken((nn.functional.gelu,), gelu_tanh, Layout.ANY):
-        result = convert_model(GeluNet().eval(), torch.randn(2, 8), n_random=1, raise_on_mismatch=False)
+        result = convert_model(GeluNet().eval(), torch.randn(2, 8, generator=torch.Generator().manual_seed(0)),
+                               n_random=1, raise_on_mismatch=False)
     report = result.report
     assert not report.ok
     for t in (t for t in report.trials if not t.ok):
@@ -61,5 +65,6 @@ def test_wrong_rule_is_called_a_conversion_error():
 
 
 def test_passing_trials_skip_the_float64_run():
-    result = convert_model(GeluNet().eval(), torch.randn(2, 8), n_random=1, raise_on_mismatch=False)
+    result = convert_model(GeluNet().eval(), torch.randn(2, 8, generator=torch.Generator().manual_seed(0)),
+                           n_random=1, raise_on_mismatch=False)
     assert result.report.ok and all(t.exactness == () for t in result.report.trials)

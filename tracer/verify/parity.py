@@ -18,6 +18,11 @@ from tracer.ir import Phys
 from tracer.verify.keras_failure import describe_failure, feed_of
 
 DEFAULT_TOL = 1e-5
+# Keras within this factor of PyTorch's own fp32 error (both against float64) is fp32 rounding in
+# another summation order. Measured on the installed versions (torch 2.13, TensorFlow 2.21): pure
+# rounding (tests/test_parity_fp64.py Cancelling, 60 seeded inputs) gives 0.54x-3.06x, median 1.4x;
+# wrong rules give > 10x (GELU tanh for exact: ~1e4x).
+FP32_NOISE_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,13 @@ class Exactness:
 
     @property
     def fp32_limited(self) -> bool:
-        """The model amplifies fp32 rounding past the tolerance in PyTorch itself, and Keras is
-        no further from the exact result than twice PyTorch's own fp32 error."""
-        return self.keras <= 2.0 * self.torch_fp32
+        """Keras is no further from the exact result than :data:`FP32_NOISE_FACTOR` times
+        PyTorch's own fp32 error: rounding, not the conversion (the one rule the verdict states)."""
+        return self.keras <= FP32_NOISE_FACTOR * self.torch_fp32
+
+    @property
+    def ratio(self) -> float:
+        return self.keras / self.torch_fp32 if self.torch_fp32 > 0 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -98,9 +107,11 @@ class ParityReport:
 
 
 def _exactness_line(e: Exactness) -> str:
-    verdict = ("the model amplifies fp32 rounding past the tolerance in PyTorch itself and Keras is within 2x "
-               "of PyTorch's own fp32 error: fp32 limits, not the conversion" if e.fp32_limited else
-               "Keras is further from the exact result than PyTorch fp32: a conversion error")
+    ratio = f"{e.ratio:.1f}x" if np.isfinite(e.ratio) else "infinitely"
+    verdict = (f"Keras's error is {ratio} PyTorch's own fp32 error, within the {FP32_NOISE_FACTOR:g}x that "
+               "rounding in another summation order reaches: fp32 limits, not the conversion" if e.fp32_limited else
+               f"Keras's error is {ratio} PyTorch's own fp32 error, beyond the {FP32_NOISE_FACTOR:g}x that "
+               "rounding in another summation order reaches: a conversion error")
     return (f"       vs PyTorch float64, output {e.output}: PyTorch fp32 {e.torch_fp32:.3e}, "
             f"Keras {e.keras:.3e} (scaled): {verdict}")
 
