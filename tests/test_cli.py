@@ -271,3 +271,25 @@ def test_parameters_kept_trainable_are_not_reported(model_file, tmp_path, capsys
     assert run_cli(f"{model_file}:Net", "--input-shape", "1,3,8,8", "-o", str(out), "-q", "--no-saved-model") == EXIT_OK
     assert "frozen" not in capsys.readouterr().err
     assert not json.loads((out / "report.json").read_text())["conversion"]["notes"]
+
+
+def test_unsupported_op_stubs_name_public_targets_and_run(model_file, tmp_path, capsys):
+    """The stubs name what users import (torch.fft.fft, not torch._C._fft.fft_fft), suggest
+    Layout.TORCH for an op that takes a dim, and their imports and code run as printed."""
+    from tracer import unregister
+    assert run_cli(f"{model_file}:Unsupported", "--input-shape", "1,3,8,8", "-o", str(tmp_path / "o"), "-q") \
+        == EXIT_CONVERT
+    err = capsys.readouterr().err
+    assert "1. torch.fft.fft  (node" in err and "torch.special.bessel_j0  (node" in err
+    assert "_C." not in err and "_VariableFunctionsClass" not in err
+    head = "import keras\nimport torch\nfrom tracer import Emit, KerasTensor, Layout, OpNode, rule\n"
+    assert head in err
+    stubs = err[err.index(head) + len(head):].strip().split("\n\n")
+    assert stubs[0].startswith("@rule(torch.fft.fft, layout=Layout.TORCH)")
+    assert stubs[1].startswith("@rule(torch.special.bessel_j0, layout=Layout.ANY)")
+    space: dict = {}
+    exec(head + stubs[1].replace("<your op>", "tanh"), space)  # noqa: S102 - the printed code, as a user pastes it
+    try:
+        assert space["bessel_j0"].__name__ == "bessel_j0"
+    finally:
+        unregister(torch.special.bessel_j0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import operator
-import re
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -10,7 +9,7 @@ import networkx as nx
 
 from tracer.fixes.inplace_ops import functionalize_inplace
 from tracer.op_rules.registry import lookup
-from tracer.errors import UnsupportedOpsError
+from tracer.errors import UnsupportedOpsError, public_target, rule_stub
 from tracer.ir import OP, OpNode, Ref, check_integrity, op, ordered, target_name, update
 from tracer.passes.layout import assign_layouts
 from tracer.passes.optimize import fold_batchnorm, fuse_activations, remove_identities
@@ -28,25 +27,11 @@ def check_supported(graph: nx.DiGraph) -> nx.DiGraph:
         if key in missing:
             missing[key]["count"] += 1
             continue
-        missing[key] = {"op": key, "node": node.name, "source": str(node.source), "count": 1,
+        missing[key] = {"op": public_target(node.target), "node": node.name, "source": str(node.source), "count": 1,
                         "module_path": node.module_path, "stub": rule_stub(node)}
     if missing:
         raise UnsupportedOpsError(list(missing.values()))
     return graph
-
-
-def rule_stub(node: OpNode) -> str:
-    t = node.target
-    if isinstance(t, str):
-        target, fname = repr(t), t
-    elif isinstance(t, type):
-        target, fname = f"{t.__module__}.{t.__qualname__}", t.__name__.lower()
-    else:
-        target, fname = target_name(t), re.sub(r"\W", "_", getattr(t, "__name__", "op")).strip("_")
-    return (f"@rule({target}, layout=Layout.ANY)\n"
-            f"def {fname}(node: OpNode, ctx: Emit):\n"
-            f"    x = ctx.input(node, 0)\n"
-            f"    return keras.ops.<your op>(x)  # shape must be {node.shape}\n")
 
 
 def remove_dead(graph: nx.DiGraph) -> nx.DiGraph:
