@@ -274,6 +274,7 @@ def test_summary_page_is_self_contained(local_run):
     for status, n in summary["counts"].items():
         assert f"id='count-{status}'" in page and f">{status}: {n}</div>" in page
     assert "href='net/report.json'" in page and "href='fft/convert.log'" in page
+    assert "href='gone/convert.log'" not in page  # no process ran for the missing file
     assert render({"models": [{**summary["models"][0], "outputs": ["net/report.html", "net/report.json"]}]}).count(
         "href='net/report.html'") == 1
 

@@ -7,7 +7,7 @@ manifest (or an option) is unusable: one line naming the entry and field, nothin
 from __future__ import annotations
 
 import argparse
-import sys
+import signal
 from typing import Any
 
 EPILOG = """\
@@ -51,13 +51,21 @@ def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ManifestError(f"--workers {args.workers}: must be at least 1")
     entries = load(args.manifest)  # checked here, before any torch / TensorFlow import
-    with _progress_bar(args.quiet) as show:
-        summary = run(entries, args.output, workers=args.workers, ray=args.ray, force=args.force,
-                      only=args.only, progress=show)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated batch kills its conversions too
+    try:
+        with _progress_bar(args.quiet) as show:
+            summary = run(entries, args.output, workers=args.workers, ray=args.ray, force=args.force,
+                          only=args.only, progress=show)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     from tracer.batch.html import counts_line
     print(f"{len(summary['models'])} model(s) in {summary['wall_seconds']:.1f}s ({summary['skipped']} unchanged, "
           f"skipped): {counts_line(summary['counts'])} -> {args.output}/summary.html")
     return 0 if all(r["status"] == "ok" for r in summary["models"]) else 1
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 class _progress_bar:

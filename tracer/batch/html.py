@@ -73,7 +73,8 @@ def _row(r: dict) -> str:
     name = escape(r.get("name", ""))
     files = {o.split("/", 1)[-1] for o in r.get("outputs", [])}
     links = [f"<a class='report' href='{name}/{f}'>{f}</a>" for f in ("report.html", "report.json") if f in files]
-    links.append(f"<a href='{name}/convert.log'>convert.log</a>")
+    if r.get("log"):
+        links.append(f"<a href='{escape(r['log'])}'>convert.log</a>")
     skip = " <span class='skip'>(unchanged, skipped)</span>" if r.get("skipped") else ""
     cells = [_cell(r.get("name"), f"{name}{skip}<div class='muted'>{escape(str(r.get('model', '')))}</div>"),
              _cell(status, f"<span class='status' style='background:{COLOURS.get(status, '#888')}'>{escape(status)}</span>"),

@@ -71,7 +71,7 @@ class Entry:
         actions = convert_actions()
         for dest, value in self.options.items():
             argv += _option_argv(actions[dest], value)
-        return argv + ["-o", outdir, "-q"]
+        return argv + ["-o", outdir]
 
     def key(self, version: str) -> str:
         """Content hash of the entry, the model's source file, the weights file and tracer's version."""

@@ -93,11 +93,17 @@ def _select(entries: list[Entry], only: Sequence[str] | None) -> set[str]:
 def _run_local(todo: list, work: Path, workers: int, finish: Callable) -> None:
     for e, _ in todo:  # what an interrupted run left
         shutil.rmtree(work / e.name, ignore_errors=True)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = {pool.submit(convert_isolated, e, work / e.name): (e, key) for e, key in todo}
         for future in as_completed(futures):
             entry, key = futures[future]
             finish(entry, key, future.result(), work / entry.name)
+    except BaseException:  # Ctrl-C: nothing more starts, the running children are killed, their threads end
+        pool.shutdown(wait=False, cancel_futures=True)
+        kill_running()
+        raise
+    pool.shutdown()
 
 
 def expected_files(entry: Entry, status: str) -> list[str]:
@@ -136,7 +142,8 @@ def _place(out: Path, entry: Entry, key: str, outcome: dict, workdir: Path | Non
     record = {"name": entry.name, "model": entry.model, "status": outcome["status"], "reason": outcome["reason"],
               "seconds": outcome.get("seconds", 0.0), "peak_rss_mb": outcome.get("peak_rss_mb"),
               "max_abs": outcome.get("max_abs"), "transposes": outcome.get("transposes"),
-              "outputs": [f"{entry.name}/{f}" for f in files], "skipped": False, "key": key}
+              "outputs": [f"{entry.name}/{f}" for f in files],
+              "log": f"{entry.name}/{LOG}" if (workdir / LOG).is_file() else None, "skipped": False, "key": key}
     (workdir / RECORD).write_text(json.dumps(record, indent=2, default=str))
     old = out / WORK / f".{entry.name}.old"
     if old.exists():

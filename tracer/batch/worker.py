@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -91,7 +92,16 @@ def _is_oom(exc: BaseException | None) -> bool:
     return False
 
 
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the thread that started it ends (a killed batch or Ray task)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main(argv: list[str]) -> int:
+    die_with_parent()
     job = json.loads(argv[0])
     limit_memory(job.get("memory_mb"))
     outcome = convert(job)
