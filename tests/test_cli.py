@@ -202,8 +202,11 @@ def test_help_teaches():
     proc = subprocess.run([sys.executable, "-m", "tracer.cli", "convert", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0
-    for word in ("--input-shape", "--channels-last-io", "--weights", "exit codes", "examples:"):
+    for word in ("--input-shape", "--channels-last-io", "--weights", "exit codes", "examples:", "--calib samples/",
+                 "--verify deep", "tracer verify out/net", "--input-dtype int64", "130 interrupted", "progress:"):
         assert word in proc.stdout
+    top = subprocess.run([sys.executable, "-m", "tracer.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and "examples:" in top.stdout and "tracer convert --help" in top.stdout
 
 
 @pytest.mark.parametrize("case", ["existing file", "under a file", "not writable"])

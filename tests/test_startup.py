@@ -75,6 +75,17 @@ def test_bad_input_answers_before_torch_and_tensorflow(case, extra, message, fil
     assert not facts["torch"] and not facts["tensorflow"], f"{case}: imported a backend before refusing"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "nowhere"], "report.json not found"),
+    (["verify", ".", "--inputs", "none.npy"], "no such inputs file"),
+])
+def test_verify_bad_input_answers_before_torch_and_tensorflow(argv, message, tmp_path):
+    (tmp_path / "report.json").write_text("{}")
+    facts, err = _probe(_cli(argv), tmp_path)
+    assert facts["rc"] == 2 and message in err, err
+    assert not facts["torch"] and not facts["tensorflow"]
+
+
 def test_ctrl_c_while_tensorflow_loads_is_one_line_exit_130(files, tmp_path):
     """SIGINT during start-up (importing torch and TensorFlow): one line, exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "convert", files["model"], "--input-shape", "1,3",

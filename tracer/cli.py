@@ -21,26 +21,52 @@ EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_CONVERT, EXIT_INTERRUPTED = 0, 1, 2, 3, 1
 EPILOG = """\
 examples:
   tracer convert examples/repvgg.py:build_a0 --input-shape 1,3,32,32 -o out/repvgg
-      convert a factory's model; writes out/repvgg/model.keras, saved_model/, report.json
+      a factory's model; writes out/repvgg/model.keras, saved_model/, report.json
   tracer convert models.py:ResNet --init-args '{"depth": 18}' --weights resnet.pt \\
       --input-shape 1,3,224,224 --channels-last-io -o out/resnet
       build ResNet(depth=18), load a state_dict, take NHWC input in the Keras model
   tracer convert net.py:TwoInputs --input-shape 1,3,64,64 --input-shape 1,6 -o out/net
       one --input-shape per forward() argument, in order
+  tracer convert bert.py:Encoder --input-shape 1,128 --input-dtype int64 -o out/bert
+      token ids: integer inputs
+  tracer convert net.py:Net --input-shape 1,3,224,224 --fold-bn --tflite fp32 --tflite int8 \\
+      --calib samples/ -o out/mobile
+      inference model for phones: BatchNorm folded, fp32 and int8 .tflite files checked in
+      LiteRT; int8 is calibrated on your samples (PyTorch layout, preprocessed as in training)
+  tracer convert net.py:Net --input-shape 1,3,64,64 --inputs batch.npy --verify deep -o out/net
+      also compare on your own inputs, then every node, the gradients and one training step
+      (report.html shows where a mismatch starts)
+  tracer verify out/net
+      re-run the deep checks on a folder written by tracer convert
 
-parity: the PyTorch model and the Keras model run on the sample input (zeros unless
---inputs is given), --random-inputs random ones (the last with another batch size) and
-your --inputs files; each output must satisfy max|diff| <= tol * max(1, max|y|).
+parity: the PyTorch model and the Keras model run on the sample input (a fixed normal
+draw, or the first --inputs file), --random-inputs random ones (the last with another
+batch size) and your --inputs files; each output must satisfy
+max|diff| <= tol * max(1, max|y|).
+
+progress: each stage (start-up, capture, passes, emission, parity, tflite, verify, writing)
+is shown with its time, as a live bar on a terminal and as plain lines otherwise; the last
+line gives every stage's time and the total. -q prints only errors and the verdict.
 
 exit codes: 0 converted with parity, 1 parity failed (report.json written, model not
-unless --keep-on-mismatch), 2 bad input, 3 could not convert (e.g. unsupported ops: the
-message lists each op, its source line and a rule stub to add).
+unless --keep-on-mismatch), 2 bad input (checked before anything is imported or
+converted), 3 could not convert (e.g. unsupported ops: the message lists each op, its
+source line and a rule stub to add), 130 interrupted (Ctrl-C).
+"""
+
+TOP_EPILOG = """\
+examples:
+  tracer convert net.py:Net --input-shape 1,3,224,224 -o out/net     convert and check parity
+  tracer convert --help                                             every option, more examples
+  tracer verify out/net                                             deep checks of a conversion
+  tracer batch models.yaml -o out/                                  many models, one process each
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tracer", description="Convert PyTorch models to Keras 3 / TensorFlow "
-                                "with proof that both compute the same thing.")
+                                "with proof that both compute the same thing.", epilog=TOP_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert a model defined in a Python file",
                        description="Convert module.py:Name (an nn.Module class or a factory returning one) "
@@ -104,6 +130,14 @@ def _add_verify_command(sub: Any) -> None:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
+    from tracer.errors import InputError
+    report = Path(args.outdir) / "report.json"
+    if not report.is_file():  # before TensorFlow is imported, like every bad input
+        raise InputError(f"{report} not found: OUTDIR must be a folder written by tracer convert")
+    for path in args.inputs:
+        check_file(path, "inputs")
+    from tracer.backends import import_quietly
+    import_quietly()
     from tracer.verify.command import verify_outdir
     say = (lambda m: None) if args.quiet else (lambda m: print(f"[tracer] {m}", file=sys.stderr, flush=True))
     return verify_outdir(args, say)
