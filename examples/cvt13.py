@@ -1,7 +1,8 @@
 """CvT-13, written in plain PyTorch.
 
 After "CvT: Introducing Convolutions to Vision Transformers" (Wu et al., 2021) and the
-configuration in ``shared/seeds/004_e1815a6ccf51e6b6.txt``; the code here is ours.
+CvT-13 configuration of its public repository (github.com/microsoft/CvT,
+``experiments/imagenet/cvt/cvt-13-224x224.yaml``); the code here is ours.
 
 * Three stages, each opened by a **convolutional token embedding**: an overlapping strided conv
   (7x7 stride 4 pad 2, then 3x3 stride 2 pad 1 twice) whose map is flattened to tokens,

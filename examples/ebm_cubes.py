@@ -1,8 +1,8 @@
 """Energy-based models of compositional visual generation, written in PyTorch.
 
 After the CubesNet / CubesNetGen models of the EBM compositionality code (Du, Li & Mordatch,
-"Compositional Visual Generation with Energy Based Models", 2020), as described in
-``shared/seeds/001_2a3a043aa7d73495.txt``; the code here is ours.
+"Compositional Visual Generation with Energy Based Models", NeurIPS 2020; public code at
+github.com/yilundu/ebm_compositionality); the code here is ours.
 
 * :class:`CubesNet`: an energy E(x, label) for 64x64 RGB images and a label vector of 6.
   A 3x3 stem, four residual blocks that halve the resolution with 2x2 average pooling
@@ -17,7 +17,7 @@ After the CubesNet / CubesNetGen models of the EBM compositionality code (Du, Li
   linear layer to a 4x4 map, four residual up-blocks (4 -> 8 -> 16 -> 32 -> 64) whose main path
   is a stride-2 ConvTranspose2d and whose learnable skip is nearest upsampling and a 1x1 conv,
   label FiLM in each block, swish, and a 3x3 conv to RGB with tanh. Spectral norm here is the
-  older hook form ``torch.nn.utils.spectral_norm`` the seed's port uses.
+  older hook form ``torch.nn.utils.spectral_norm`` that PyTorch ports of those models use.
 
 Run:  python examples/ebm_cubes.py
 """

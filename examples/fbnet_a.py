@@ -1,4 +1,4 @@
-"""FBNet-A for ImageNet (224x224, 1000 classes), written in plain PyTorch (seed 003).
+"""FBNet-A for ImageNet (224x224, 1000 classes), written in plain PyTorch.
 
 The architecture is the FBNet_a definition of Facebook's mobile_cv model zoo (FBNet: Wu et al.,
 "Hardware-Aware Efficient ConvNet Design via Differentiable Neural Architecture Search", 2019):

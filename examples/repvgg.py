@@ -1,11 +1,14 @@
-"""RepVGG for CIFAR-100 (32x32 input, 100 classes), written in plain PyTorch (seed 002).
+"""RepVGG for CIFAR-100 (32x32 input, 100 classes), written in plain PyTorch.
+
+After Ding et al., "RepVGG: Making VGG-style ConvNets Great Again" (CVPR 2021;
+github.com/DingXiaoH/RepVGG).
 
 Training form: every block sums a 3x3 conv-BN, a 1x1 conv-BN and (when the shape allows) an
 identity BatchNorm, then applies ReLU. ``switch_to_deploy()`` fuses the three branches into
 one biased 3x3 convolution per block (structural re-parameterization); in eval mode the fused
 model computes the same function.
 
-The CIFAR variant of the seed: stage widths (32, 32, 64, 128, 256) scaled by ``a`` for the
+The CIFAR variant: stage widths (32, 32, 64, 128, 256) scaled by ``a`` for the
 first four stages (the first capped at 32) and by ``b`` for the last, and the first two stages
 keep stride 1, so the stages run at 32, 32, 16, 8 and 4 pixels.
 

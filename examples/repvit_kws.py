@@ -1,4 +1,7 @@
-"""A RepViT keyword spotter for log-mel input, written in plain PyTorch (seed 000).
+"""A RepViT keyword spotter for log-mel input, written in plain PyTorch.
+
+RepViT's blocks follow Wang et al., "RepViT: Revisiting Mobile CNN From ViT Perspective"
+(CVPR 2024; github.com/THU-MIG/RepViT), sized down for keyword spotting.
 
 Input ``(B, 100, 40)``: 100 frames of 40 mel bins; the model adds the channel axis itself.
 Output ``(B, num_classes)`` logits (2 by default: keyword / no keyword).
@@ -16,7 +19,7 @@ stays. 25 and 13 frames are odd, so the stride-2 time convolutions are the cases
 TensorFlow's 'same' padding pads asymmetrically (0 before, 1 after) while PyTorch pads 1 on
 both sides; the converter must pad explicitly to agree.
 
-With two classes the model has exactly 214,222 trainable parameters, as in the seed; BatchNorm
+With two classes the model has exactly 214,222 trainable parameters; BatchNorm
 layers hold 3,444 channels (6,888 running statistics). RepViT's blocks: a token mixer (a
 RepVGG-style depthwise 3x3 + 1x1 + identity, or a strided depthwise conv for downsampling,
 optionally followed by squeeze-excitation) and a residual channel mixer (1x1 expand x2, GELU,
@@ -137,7 +140,7 @@ class KWSRepViT(nn.Module):
 
 
 def build(num_classes: int = 2) -> KWSRepViT:
-    """The seed's KWS model in eval mode (214,222 trainable parameters with 2 classes)."""
+    """The KWS model in eval mode (214,222 trainable parameters with 2 classes)."""
     return KWSRepViT(num_classes).eval()
 
 
