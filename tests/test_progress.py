@@ -85,3 +85,15 @@ def test_convert_model_times_its_stages():
     for stage in result.stage_seconds:
         assert any(re.fullmatch(rf"{stage}: \d+\.\d\ds", line) for line in lines), (stage, lines)
     assert "capture: with torch.fx" in lines and "parity: checking on 4 inputs" in lines
+
+
+def test_nested_stages_keep_the_outer_stage_on_the_bar():
+    stream = io.StringIO()
+    track = Progress(stream=stream, bar=True)
+    with track.stage("verify", "every node"):
+        with track.stage("capture", "again"):
+            track.advance(1, 2)
+        track.advance(2, 2)  # the outer stage's bar again
+    track.close()
+    assert list(track.times) == ["capture", "verify"] and track.current is None
+    assert "[tracer] capture: " in stream.getvalue() and "[tracer] verify: " in stream.getvalue()

@@ -49,8 +49,9 @@ class Progress:
     def stage(self, name: str, message: str = "") -> Iterator["Progress"]:
         """Time the block as stage ``name`` (times of a stage run twice add up)."""
         outer, self._current = self._current, name
+        outer_task = self._task
         if self.bar:
-            self._show(name, message)  # the bar shows the message while the stage runs
+            self._show(name, message)  # the bar shows the message while the stage runs (a nested one below)
         elif message:
             self(f"{name}: {message}")
         started, finished = time.perf_counter(), False
@@ -61,9 +62,9 @@ class Progress:
             seconds = time.perf_counter() - started
             self.times[name] = self.times.get(name, 0.0) + seconds
             self._current = name if not finished else outer  # an error or Ctrl-C names the stage it stopped
-            if self._live is not None:
+            if self._live is not None and self._task is not None and self._task != outer_task:
                 self._live.remove_task(self._task)
-                self._task = None
+            self._task = outer_task
             if finished:
                 self(f"{name}: {seconds:.2f}s" + (f" ({message})" if message and self._live is not None else ""))
 
@@ -102,8 +103,6 @@ class Progress:
                              TextColumn("{task.fields[steps]}"), TimeElapsedColumn(),
                              console=Console(file=self.stream, soft_wrap=True), transient=True)
             self._live.start()
-        if self._task is not None:
-            self._live.remove_task(self._task)
         self._task = self._live.add_task(f"{name}" + (f": {message}" if message else ""), total=None, steps="")
 
 
