@@ -8,13 +8,14 @@ into the same IR (tracer/capture/export.py); both share tracer/capture/recording
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
-from tracer.capture.recording import Recorder, build_graph
+from tracer.capture.recording import Recorder, build_graph, source_of
 from tracer.errors import CaptureError, InputError
 
 
@@ -108,6 +109,7 @@ def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
                is_leaf: Callable[[torch.nn.Module], bool]) -> nx.DiGraph:
     """Trace ``model`` with torch.fx and build the IR graph."""
     gm = trace(model, is_leaf)
+    _check_wrapped_functions(gm, model)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
         raise CaptureError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs "
@@ -120,3 +122,22 @@ def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     return graph
 
 
+
+
+def _check_wrapped_functions(gm: fx.GraphModule, model: torch.nn.Module) -> None:
+    """A library's ``torch.fx.wrap``-ed function (torchvision's ``shifted_window_attention``) is one
+    call in the fx graph; without a rule for it, fx's capture fails so that torch.export (which
+    runs it as ordinary Python) traces into it. fx traces through every other Python function, so a
+    plain function outside torch in the graph was wrapped."""
+    from tracer.op_rules.registry import lookup, qualname
+
+    wrapped = {}
+    for n in gm.graph.nodes:
+        t = n.target
+        if (n.op == "call_function" and inspect.isfunction(t) and t.__module__.split(".")[0] != "torch"
+                and lookup(t) is None):
+            wrapped.setdefault(qualname(t).path, n)
+    if wrapped:
+        names = ", ".join(f"{name} (at {source_of(n)})" for name, n in wrapped.items())
+        raise CaptureError(f"torch.fx keeps {names} as one call (torch.fx.wrap) and there is no rule for it: "
+                           "capture='export' traces into it, or add @rule(Qualname(...)) for it")

@@ -15,6 +15,7 @@ from tracer.passes.layout import assign_layouts
 from tracer.passes.optimize import fold_batchnorm, fuse_activations, remove_identities
 from tracer.passes.channel_perm import absorb_channel_permutations
 from tracer.passes.reparam import merge_parallel_convs
+from tracer.passes.training_only import drop_training_only
 
 
 def check_supported(graph: nx.DiGraph) -> nx.DiGraph:
@@ -109,7 +110,8 @@ def passes(channels_last_io: bool, fold_bn: bool = False) -> list[Callable[[nx.D
     merged sum, and absorbs channel shuffles that feed a conv through per-channel ops into weights.
     """
     inference = [fold_batchnorm, merge_parallel_convs, fold_batchnorm, absorb_channel_permutations] if fold_bn else []
-    return [functionalize_inplace, expand_tuple_outputs, remove_identities, remove_dead, check_supported,
+    return [functionalize_inplace, expand_tuple_outputs, remove_identities, drop_training_only, remove_dead,
+            check_supported,
             *inference, fuse_activations,
             lambda g: assign_layouts(g, channels_last_io)]
 
