@@ -103,4 +103,7 @@ def _outputs(node: OpNode, ctx: Emit) -> Any:
 
 
 def _model_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "converted"
+    """A Keras model name TensorFlow accepts as a root name scope inside tf.function (ASCII letters,
+    digits, ``_`` and ``-``, not starting with ``_`` or ``-``): ``_HFTuple`` -> ``HFTuple``."""
+    name = "".join(c if (c.isascii() and c.isalnum()) or c in "_-" else "_" for c in name)
+    return name.lstrip("_-") or "converted"
