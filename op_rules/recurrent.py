@@ -41,7 +41,9 @@ def _rnn_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
         return [Phys.identity(len(s)) for s in shapes], Phys.identity(len(shapes[0]))
     seq = Phys.identity(3) if node.module.batch_first else SEQ_FIRST
     state = Phys(STATE.perm, items=(STATE, STATE)) if _kind(node.module) == "LSTM" else STATE
-    return [seq] + [STATE for _ in shapes[1:]], Phys(seq.perm, items=(seq, state))
+    # a state passed as the (h_n, c_n) tuple another LSTM returned keeps that tuple's layout
+    req = [p if p is not None and p.items and all(i == STATE for i in p.items) else STATE for p in ins[1:]]
+    return [seq] + req, Phys(seq.perm, items=(seq, state))
 
 
 @rule(nn.LSTM, nn.GRU, nn.RNN, layout=_rnn_layout)
@@ -115,15 +117,25 @@ def keras_weights(m: nn.Module, kind: str, layer: int, direction: int) -> list[n
 
 def initial_states(node: OpNode, ctx: Emit) -> list[list[Any]] | None:
     """``h0`` (and ``c0``) split per layer and direction, as Keras ``(B, H)`` tensors; None for zeros."""
-    hx = node.args[1] if len(node.args) > 1 else node.kw.get("hx")
-    if hx is None:
+    tensors = state_inputs(node, ctx)  # each (B, L*D, H)
+    if not tensors:
         return None
-    refs = list(hx) if isinstance(hx, (tuple, list)) else [hx]
-    if not all(isinstance(r, Ref) for r in refs):
-        raise NotImplementedError("the initial state must be tensors (h0, or (h0, c0) for an LSTM)")
-    tensors = [ctx.tensor_input(node, ctx.index_of(node, r)) for r in refs]  # each (B, L*D, H)
     count = tensors[0].shape[1]
     return [[t[:, k] for t in tensors] for k in range(count)]
+
+
+def state_inputs(node: OpNode, ctx: Emit) -> list[Any]:
+    """The state argument ``hx`` as a list of Keras tensors: ``h`` or ``(h, c)``, given as tensors or as
+    the tuple another RNN / cell returned; empty when it is not given (zeros)."""
+    hx = node.args[1] if len(node.args) > 1 else node.kw.get("hx")
+    refs = [] if hx is None else (list(hx) if isinstance(hx, (tuple, list)) else [hx])
+    if not all(isinstance(r, Ref) for r in refs):
+        raise NotImplementedError("a recurrent state must be tensors (h, or (h, c) for an LSTM)")
+    out: list[Any] = []
+    for r in refs:
+        t = ctx.tensor_input(node, ctx.index_of(node, r))
+        out += list(t) if isinstance(t, (tuple, list)) else [t]
+    return out
 
 
 def _stack(states: list[Any]) -> Any:

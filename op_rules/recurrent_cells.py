@@ -19,9 +19,9 @@ import numpy as np
 import torch.nn as nn
 
 from tracer.emitter.context import Emit, to_numpy
-from tracer.ir import OpNode, Ref
+from tracer.ir import OpNode
 from tracer.op_rules.common import call_with_weights
-from tracer.op_rules.recurrent import torch_weights
+from tracer.op_rules.recurrent import state_inputs, torch_weights
 from tracer.op_rules.registry import Layout, rule
 
 # the Keras layers made for each torch cell, per conversion: every call of the cell shares them
@@ -110,11 +110,7 @@ def recurrent_cell(node: OpNode, ctx: Emit) -> Any:
     if len(x.shape) != 2:
         raise NotImplementedError(f"{type(m).__name__} on an unbatched {len(x.shape)}-D input: give it a batch "
                                   "axis (x.unsqueeze(0))")
-    hx = node.args[1] if len(node.args) > 1 else node.kw.get("hx")
-    refs = [] if hx is None else (list(hx) if isinstance(hx, (tuple, list)) else [hx])
-    if not all(isinstance(r, Ref) for r in refs):
-        raise NotImplementedError("the state of a recurrent cell must be tensors (h, or (h, c) for an LSTMCell)")
-    states = [ctx.tensor_input(node, ctx.index_of(node, r)) for r in refs]
+    states = state_inputs(node, ctx)
     proj = _shared(node, ctx)
     gx = proj("ih", x)
     h = states[0] if states else zeros(x, m.hidden_size)

@@ -226,13 +226,15 @@ def compare_nodes(result: Any, torch_values: dict[str, Any], keras_values: dict[
         t, k = _torch_value(node, torch_values), keras_values.get(node.name)
         if t is None or k is None:
             continue
-        pairs = ([(t, k)] if not isinstance(t, tuple) else
-                 [(t[i], k[i]) for i in range(len(t)) if t[i] is not None and isinstance(k, dict) and i in k])
+        items = node.layout.items if node.layout is not None and node.layout.items else None
+        pairs = ([(t, k, node.layout)] if not isinstance(t, tuple) else
+                 [(t[i], k[i], items[i] if items else node.layout) for i in range(len(t))
+                  if t[i] is not None and isinstance(k, dict) and i in k])
         if not pairs:
             continue
         worst = None
-        for tv, kv in pairs:
-            kv = to_torch_order(kv, node.layout)
+        for tv, kv, phys in pairs:  # a tuple's elements may each have their own layout (Phys.items)
+            kv = to_torch_order(kv, phys)
             max_abs, err, cause, detail = compare_value(tv, kv)
             if worst is None or err > worst[1]:
                 worst = (max_abs, err, cause, detail, tv, kv)
