@@ -81,25 +81,25 @@ def _expected(node: OpNode) -> tuple:
 
 
 def _outputs(node: OpNode, ctx: Emit) -> Any:
-    flat: list[Any] = []
+    """The model's outputs in the structure forward returned: one tensor, a list for a tuple or
+    list (nested ones kept), a dict with the same keys (turned into str) for a dict."""
     layouts = dict(zip(node.inputs, node.in_layouts))
 
-    def walk(v: Any) -> None:
+    def walk(v: Any) -> Any:
         if isinstance(v, Ref):
             src = ctx.graph.nodes[v.name]["op"]
             if src.is_constant:
                 raise ConversionError(f"output {v.name} does not depend on the inputs; "
                                       "a constant output is not supported")
-            flat.append(ctx.convert(src, layouts[v.name], reason="model output"))
-        elif isinstance(v, (tuple, list)):
-            for x in v:
-                walk(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
+            return ctx.convert(src, layouts[v.name], reason="model output")
+        if isinstance(v, (tuple, list)):
+            return [x for x in (walk(x) for x in v) if x is not None]
+        if isinstance(v, dict):
+            return {str(k): y for k, y in ((k, walk(x)) for k, x in v.items()) if y is not None}
+        return None
 
-    walk(node.args[0])
-    return flat[0] if len(flat) == 1 else flat
+    out = walk(node.args[0])
+    return out[0] if isinstance(out, list) and len(out) == 1 and not isinstance(out[0], (list, dict)) else out
 
 
 def _model_name(name: str) -> str:

@@ -6,7 +6,6 @@ conversions are created here, once per (tensor, layout), so every consumer share
 """
 from __future__ import annotations
 
-import collections
 import math
 import re
 from typing import Any
@@ -27,6 +26,7 @@ class Emit:
         self._converted: dict[tuple[str, Phys], Any] = {}
         self._names: set[str] = set()
         self.anchor = None  # a graph tensor constants hang from
+        self._unit = None
         self.transposes: list[str] = []  # one entry per Transpose op created, with its reason
 
     # ---- inputs -------------------------------------------------------------------------
@@ -69,11 +69,11 @@ class Emit:
             f"{node.module_path}.{node.name}" if node.module_path else node.name)
         base = re.sub(r"[^A-Za-z0-9_.\-]", "_", base + (f".{suffix}" if suffix else "")) or "op"
         name, k = base, 1
-        while name in self._names or _keras_taken(name):
+        while name in self._names or L.name_taken(name):
             k += 1
             name = f"{base}_{k}"
         self._names.add(name)
-        _reserve(name)
+        L.reserve_name(name)
         return name
 
     def axis(self, node: OpNode, dim: int, i: int = 0) -> int:
@@ -82,11 +82,14 @@ class Emit:
 
     # ---- constants and layout conversions ---------------------------------------------------
     def constant(self, value: np.ndarray, name: str, trainable: bool = False) -> Any:
-        layer = L.ConstantTensor(value.shape, value_dtype=_keras_dtype(value.dtype),
-                                 trainable_value=trainable, name=name)
-        out = layer(self.anchor)
-        L.set_value(layer, "value", value)
-        return out
+        """``value`` as a graph tensor (the kernel of a built-in layer; see emitter/layers.py)."""
+        return L.constant(self.unit(), value, name, trainable=trainable)
+
+    def unit(self) -> Any:
+        """The model's (1, 1) tensor of ones that constants hang from (made once, from an input)."""
+        if self._unit is None:
+            self._unit = L.unit(self.anchor)
+        return self._unit
 
     def convert(self, src: OpNode, want: Phys | None, reason: str = "") -> Any:
         have = src.layout
@@ -128,35 +131,6 @@ class Emit:
         return keras.ops.transpose(x, axes)
 
 
-def _keras_uids() -> dict:
-    from keras.src.backend.common import global_state
-
-    return global_state.get_global_attribute("object_name_uids", default=collections.defaultdict(int),
-                                             set_to_default=True)
-
-
-def _keras_taken(name: str) -> bool:
-    """Whether Keras gave (or will give) ``name`` to one of its auto-named ops and layers.
-
-    Works around Keras 3.15: a functional model needs unique operation names, but auto-naming
-    (``keras.ops.add`` -> "add", "add_1", ...; keras/src/utils/naming.py ``uniquify``) does not
-    avoid names given explicitly, so a layer we name after the fx node "add" clashes with the
-    first ``keras.ops.add``. Delete when Keras' uniquify skips names in use.
-    """
-    uids = _keras_uids()
-    prefix, _, k = name.rpartition("_")
-    return name in uids or (k.isdigit() and prefix in uids and uids[prefix] > int(k))
-
-
-def _reserve(name: str) -> None:
-    """Make Keras' auto-naming step over ``name`` ("add" -> next is "add_1"; "add_3" -> "add_4")."""
-    uids = _keras_uids()
-    uids[name] = max(uids[name], 1)
-    prefix, _, k = name.rpartition("_")
-    if k.isdigit() and prefix:
-        uids[prefix] = max(uids[prefix], int(k) + 1)
-
-
 def arrange(value: np.ndarray, want: Phys | None) -> np.ndarray:
     """Lay a constant out like a tensor of layout ``want`` (expanding to its rank first)."""
     if want is None:
@@ -176,10 +150,6 @@ def to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
-
-
-def _keras_dtype(dtype: np.dtype) -> str:
-    return {"float64": "float32", "int64": "int32"}.get(str(dtype), str(dtype))
 
 
 def fold_flat(weight: np.ndarray, phys: Phys) -> np.ndarray:

@@ -1,229 +1,180 @@
-"""Serializable Keras layers of ours, for what no built-in layer expresses exactly.
+"""Built-in Keras for what PyTorch has and Keras lacks as one layer.
 
-Each is written with ``keras.ops`` only, so it runs on any Keras backend, saves in ``.keras``
-files and loads with ``safe_mode=True`` after ``import tracer`` (which registers them).
-Constant tensors are stored as weights, never inlined into the config.
+Everything here emits Keras built-in layers (``Dense``, ``EinsumDense``) and ``keras.ops`` calls
+in the functional graph, so a converted model loads with ``keras.models.load_model(path,
+safe_mode=True)`` where only Keras is installed (no torch, no tracer). Constant tensors are
+weights of a built-in layer, never inlined into the config; ``trainable`` decides whether they
+learn. This module imports Keras and numpy only.
 """
 from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
-PACKAGE = "tracer"
-_register = keras.saving.register_keras_serializable(package=PACKAGE)
+PACKAGE = "tracer"  # the package of Keras classes registered by tracer (emitter/batchnorm.py)
+_EXACT_INT = 2 ** 24  # integers a float32 weight holds exactly
 
 
-@_register
-class ConstantTensor(keras.layers.Layer):
-    """Outputs a stored tensor (a learned token, a constant table). Called on any graph tensor."""
+def unit(anchor: Any) -> Any:
+    """A (1, 1) float32 tensor of ones, computed from any graph tensor (constants hang from it).
 
-    def __init__(self, shape, value_dtype="float32", trainable_value=False, **kw):
-        super().__init__(**kw)
-        self.value_shape = tuple(shape)
-        self.value_dtype = value_dtype
-        self.trainable_value = trainable_value
-        self.value = self.add_weight(name="value", shape=self.value_shape, dtype=value_dtype,
-                                     initializer="zeros", trainable=trainable_value)
-
-    def call(self, anchor):
-        return ops.convert_to_tensor(self.value)
-
-    def compute_output_spec(self, anchor):
-        return keras.KerasTensor(self.value_shape, dtype=self.value_dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "shape": self.value_shape, "value_dtype": self.value_dtype,
-                "trainable_value": self.trainable_value}
+    Only the shape of one element is read, so it costs nothing; the TFLite converter folds it
+    (and the constants made from it) into plain constants."""
+    first = ops.take(ops.reshape(anchor, (-1,)), 0)
+    return ops.reshape(ops.ones_like(ops.cast(first, "float32")), (1, 1))
 
 
-_BINARY = {
-    "add": ops.add, "subtract": ops.subtract, "multiply": ops.multiply, "divide": ops.divide,
-    "power": ops.power, "maximum": ops.maximum, "minimum": ops.minimum,
-    "floor_divide": ops.floor_divide, "mod": ops.mod,
-}
+def constant(one: Any, value: np.ndarray, name: str, trainable: bool = False) -> Any:
+    """``value`` as a graph tensor of its own shape and dtype (float64 -> float32, int64 -> int32).
+
+    The value is the kernel of a built-in ``Dense`` applied to ``one`` (:func:`unit`): ``1 * c``
+    is ``c`` exactly, and training updates it like any weight when ``trainable``."""
+    value = np.asarray(value)
+    dtype = {"float64": "float32", "int64": "int32"}.get(str(value.dtype), str(value.dtype))
+    is_float = np.issubdtype(value.dtype, np.floating)
+    if not is_float and value.size and np.abs(value.astype(np.int64)).max() >= _EXACT_INT:
+        raise NotImplementedError(f"integer constant {name} holds values beyond 2**24, which a float32 "
+                                  "weight cannot store exactly")
+    layer = keras.layers.Dense(max(value.size, 1), use_bias=False, dtype=dtype if is_float else "float32",
+                               trainable=bool(trainable), name=name)
+    flat = layer(ops.cast(one, layer.compute_dtype) if is_float else one)
+    layer.set_weights([value.reshape(1, -1).astype(layer.kernel.dtype)])
+    out = ops.reshape(flat, value.shape)
+    return out if is_float else ops.cast(out, dtype)
 
 
-@_register
-class ConstBinary(keras.layers.Layer):
-    """``op(x, c)`` or ``op(c, x)`` with a stored constant ``c`` that broadcasts against ``x``."""
-
-    def __init__(self, op, shape, const_first=False, value_dtype="float32", trainable_value=False, **kw):
-        super().__init__(**kw)
-        if op not in _BINARY:
-            raise ValueError(f"ConstBinary: unknown op. Received: op={op!r}")
-        self.op, self.const_first = op, const_first
-        self.value_shape, self.value_dtype, self.trainable_value = tuple(shape), value_dtype, trainable_value
-        self.value = self.add_weight(name="value", shape=self.value_shape, dtype=value_dtype,
-                                     initializer="zeros", trainable=trainable_value)
-
-    def call(self, x):
-        c = ops.cast(self.value, x.dtype) if self.value_dtype != x.dtype else self.value
-        return _BINARY[self.op](c, x) if self.const_first else _BINARY[self.op](x, c)
-
-    def get_config(self):
-        return {**super().get_config(), "op": self.op, "shape": self.value_shape,
-                "const_first": self.const_first, "value_dtype": self.value_dtype,
-                "trainable_value": self.trainable_value}
-
-
-@_register
-class TorchPad(keras.layers.Layer):
+def pad(x: Any, pads: Sequence[tuple[int, int]], mode: str = "constant", value: float = 0.0) -> Any:
     """Padding with PyTorch's modes: constant (any value), reflect, replicate, circular.
 
-    ``pads`` is one ``(before, after)`` pair per axis (axis 0 included, usually ``(0, 0)``).
-    """
-
-    def __init__(self, pads, mode="constant", value=0.0, **kw):
-        super().__init__(**kw)
-        if mode not in ("constant", "reflect", "replicate", "circular"):
-            raise ValueError(f"TorchPad: unknown mode. Received: mode={mode!r}")
-        self.pads = [tuple(int(v) for v in p) for p in pads]
-        self.mode, self.value = mode, float(value)
-
-    def call(self, x):
-        if self.mode == "constant":
-            return ops.pad(x, self.pads, mode="constant", constant_values=self.value)
-        if self.mode == "reflect":
-            return ops.pad(x, self.pads, mode="reflect")
-        for axis, (before, after) in enumerate(self.pads):
-            if before == 0 and after == 0:
-                continue
-            n = x.shape[axis]
-            parts = []
-            if before:
-                parts.append(_edge(x, axis, 0, 1, before) if self.mode == "replicate"
-                             else _take_range(x, axis, n - before, n))
-            parts.append(x)
-            if after:
-                parts.append(_edge(x, axis, n - 1, n, after) if self.mode == "replicate"
-                             else _take_range(x, axis, 0, after))
-            x = ops.concatenate(parts, axis=axis)
-        return x
-
-    def get_config(self):
-        return {**super().get_config(), "pads": self.pads, "mode": self.mode, "value": self.value}
+    ``pads`` is one ``(before, after)`` pair per axis (axis 0 included, usually ``(0, 0)``)."""
+    if mode not in ("constant", "reflect", "replicate", "circular"):
+        raise ValueError(f"pad: unknown mode. Received: mode={mode!r}")
+    pads = [tuple(int(v) for v in p) for p in pads]
+    if mode == "constant":
+        return ops.pad(x, pads, mode="constant", constant_values=float(value))
+    if mode == "reflect":
+        return ops.pad(x, pads, mode="reflect")
+    for axis, (before, after) in enumerate(pads):
+        if before == 0 and after == 0:
+            continue
+        n = x.shape[axis]
+        parts = []
+        if before:
+            parts.append(_edge(x, axis, 0, 1, before) if mode == "replicate" else _take_range(x, axis, n - before, n))
+        parts.append(x)
+        if after:
+            parts.append(_edge(x, axis, n - 1, n, after) if mode == "replicate" else _take_range(x, axis, 0, after))
+        x = ops.concatenate(parts, axis=axis)
+    return x
 
 
-def _take_range(x, axis, start, stop):
+def _take_range(x: Any, axis: int, start: int, stop: int) -> Any:
     index = [slice(None)] * len(x.shape)
     index[axis] = slice(start, stop)
     return x[tuple(index)]
 
 
-def _edge(x, axis, start, stop, times):
+def _edge(x: Any, axis: int, start: int, stop: int, times: int) -> Any:
     return ops.repeat(_take_range(x, axis, start, stop), times, axis=axis)
 
 
-@_register
-class StridedSlice(keras.layers.Layer):
+def strided_slice(x: Any, slices: Sequence[Sequence[int | None]]) -> Any:
     """Basic slicing ``x[start:stop:step, ...]`` with one ``[start, stop, step]`` per axis."""
-
-    def __init__(self, slices, **kw):
-        super().__init__(**kw)
-        self.slices = [list(s) for s in slices]
-
-    def call(self, x):
-        return x[tuple(slice(*s) for s in self.slices)]
-
-    def get_config(self):
-        return {**super().get_config(), "slices": self.slices}
+    return x[tuple(slice(*s) for s in slices)]
 
 
-@_register
-class BinnedReduce(keras.layers.Layer):
+def binned_reduce(x: Any, axis: int, starts: Sequence[int], ends: Sequence[int], mode: str = "mean") -> Any:
     """Max or mean over bins ``[starts[i], ends[i])`` of one axis, one output per bin.
 
     Rectangular pooling windows are separable, so adaptive pooling of any output size (exact
-    when the size does not divide) is one BinnedReduce per spatial axis.
-    """
-
-    def __init__(self, axis, starts, ends, mode="mean", **kw):
-        super().__init__(**kw)
-        if mode not in ("mean", "max"):
-            raise ValueError(f"BinnedReduce: unknown mode. Received: mode={mode!r}")
-        self.axis, self.mode = int(axis), mode
-        self.starts, self.ends = [int(s) for s in starts], [int(e) for e in ends]
-
-    def call(self, x):
-        reduce = ops.max if self.mode == "max" else ops.mean
-        parts = [reduce(_take_range(x, self.axis, s, e), axis=self.axis, keepdims=True)
-                 for s, e in zip(self.starts, self.ends)]
-        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=self.axis)
-
-    def get_config(self):
-        return {**super().get_config(), "axis": self.axis, "starts": self.starts, "ends": self.ends,
-                "mode": self.mode}
+    when the size does not divide) is one binned reduction per spatial axis."""
+    if mode not in ("mean", "max"):
+        raise ValueError(f"binned_reduce: unknown mode. Received: mode={mode!r}")
+    reduce = ops.max if mode == "max" else ops.mean
+    parts = [reduce(_take_range(x, axis, int(s), int(e)), axis=axis, keepdims=True) for s, e in zip(starts, ends)]
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=axis)
 
 
-@_register
-class AxisLinearMap(keras.layers.Layer):
-    """``y = M @ x`` along one axis, with a stored (out, in) matrix: exact bilinear resizing."""
-
-    def __init__(self, axis, in_size, out_size, **kw):
-        super().__init__(**kw)
-        self.axis, self.in_size, self.out_size = int(axis), int(in_size), int(out_size)
-        self.matrix = self.add_weight(name="matrix", shape=(self.out_size, self.in_size),
-                                      initializer="zeros", trainable=False)
-
-    def call(self, x):
-        rank = len(x.shape)
-        axis = self.axis % rank
-        letters = "abcdefghijklmn"[:rank]
-        src = letters
-        dst = letters[:axis] + "z" + letters[axis + 1:]
-        return ops.einsum(f"z{letters[axis]},{src}->{dst}", ops.cast(self.matrix, x.dtype), x)
-
-    def get_config(self):
-        return {**super().get_config(), "axis": self.axis, "in_size": self.in_size, "out_size": self.out_size}
-
-
-@_register
-class AxisDense(keras.layers.Layer):
-    """A Linear applied along the second-to-last axis: ``y = W @ x + b[:, None]``, W (units, in).
-
-    Token-mixing MLPs (MLP-Mixer, ResMLP, gMLP) apply a Linear to ``x.transpose(1, 2)``; keeping
-    ``x`` in its own layout and multiplying from the left computes that without moving any data.
-    """
-
-    def __init__(self, units, activation=None, use_bias=True, **kw):
-        super().__init__(**kw)
-        self.units, self.use_bias = int(units), bool(use_bias)
-        self.activation = keras.activations.get(activation)
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(self.units, int(input_shape[-2])),
-                                      initializer="glorot_uniform")
-        self.bias = self.add_weight(name="bias", shape=(self.units, 1), initializer="zeros") if self.use_bias else None
-
-    def call(self, x):
-        y = ops.matmul(ops.cast(self.kernel, x.dtype), x)
-        if self.bias is not None:
-            y = y + ops.cast(self.bias, x.dtype)
-        return self.activation(y)
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-2], self.units, input_shape[-1])
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
-                "activation": keras.activations.serialize(self.activation)}
-
-
-@_register
-class AxisGather(keras.layers.Layer):
+def axis_gather(x: Any, axis: int, indices: Sequence[int]) -> Any:
     """Gather fixed indices along one axis (nearest resizing with non-integer scales)."""
-
-    def __init__(self, axis, indices, **kw):
-        super().__init__(**kw)
-        self.axis, self.indices = int(axis), [int(i) for i in indices]
-
-    def call(self, x):
-        return ops.take(x, np.asarray(self.indices, dtype="int32"), axis=self.axis)
-
-    def get_config(self):
-        return {**super().get_config(), "axis": self.axis, "indices": self.indices}
+    return ops.take(x, np.asarray(indices, dtype="int32"), axis=axis)
 
 
-def set_value(layer: keras.layers.Layer, attr: str, value: np.ndarray) -> None:
-    getattr(layer, attr).assign(np.asarray(value, dtype=getattr(layer, attr).dtype))
+_LETTERS = "abcdefghijklmnopqrstuvwxy"  # "z" is the new axis
+
+
+def axis_map_equation(rank: int, axis: int) -> str:
+    """EinsumDense equation of ``y = x @ K`` along one axis: "abcd,bz->azcd" for rank 4, axis 1."""
+    axis %= rank
+    src = _LETTERS[:rank]
+    return f"{src},{src[axis]}z->{src[:axis]}z{src[axis + 1:]}"
+
+
+def parse_axis_map(equation: str) -> int | None:
+    """The axis an EinsumDense equation multiplies by its (in, out) kernel, or None if it does not
+    have that form (see :func:`axis_map_equation`)."""
+    try:
+        lhs, out = equation.replace(" ", "").split("->")
+        src, kernel = lhs.split(",")
+    except ValueError:
+        return None
+    if "." in equation or len(kernel) != 2 or kernel[1] in src or kernel[0] not in src or len(out) != len(src):
+        return None
+    axis = src.index(kernel[0])
+    return axis if out == src[:axis] + kernel[1] + src[axis + 1:] else None
+
+
+def axis_map(x: Any, axis: int, kernel: np.ndarray, name: str, bias: np.ndarray | None = None,
+             activation: Any = None, trainable: bool = False) -> Any:
+    """``x`` with axis ``axis`` multiplied by ``kernel`` (in, out) (+ bias, activation): a built-in
+    ``EinsumDense``. A Linear along any axis (token-mixing MLPs) and exact linear resizing."""
+    rank = len(x.shape)
+    axis %= rank
+    equation = axis_map_equation(rank, axis)
+    out_shape = [*x.shape[1:axis], kernel.shape[1], *x.shape[axis + 1:]]
+    layer = keras.layers.EinsumDense(equation, output_shape=out_shape, activation=activation,
+                                     bias_axes="z" if bias is not None else None, name=name)
+    y = layer(x)
+    weights = [kernel.astype(np.float32)]
+    if bias is not None:
+        weights.append(np.asarray(bias, np.float32).reshape(tuple(layer.bias.shape)))
+    layer.set_weights(weights)
+    layer.trainable = bool(trainable)
+    return y
+
+
+# ---- Keras' automatic operation names ---------------------------------------------------
+
+def _keras_uids() -> dict:
+    from keras.src.backend.common import global_state
+
+    return global_state.get_global_attribute("object_name_uids", default=collections.defaultdict(int),
+                                             set_to_default=True)
+
+
+def name_taken(name: str) -> bool:
+    """Whether Keras gave (or will give) ``name`` to one of its auto-named ops and layers.
+
+    Works around Keras 3.15: a functional model needs unique operation names, but auto-naming
+    (``keras.ops.add`` -> "add", "add_1", ...; keras/src/utils/naming.py ``uniquify``) does not
+    avoid names given explicitly, nor the names of a model loaded from a file, so a layer we
+    name after the fx node "add" clashes with the first ``keras.ops.add``, and an export fix
+    that adds a ``keras.ops.transpose`` to a reloaded model clashes with its "transpose". Delete
+    when Keras' uniquify skips names in use.
+    """
+    uids = _keras_uids()
+    prefix, _, k = name.rpartition("_")
+    return name in uids or (k.isdigit() and prefix in uids and uids[prefix] > int(k))
+
+
+def reserve_name(name: str) -> None:
+    """Make Keras' auto-naming step over ``name`` ("add" -> next is "add_1"; "add_3" -> "add_4")."""
+    uids = _keras_uids()
+    uids[name] = max(uids[name], 1)
+    prefix, _, k = name.rpartition("_")
+    if k.isdigit() and prefix:
+        uids[prefix] = max(uids[prefix], int(k) + 1)

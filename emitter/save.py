@@ -40,7 +40,7 @@ def save_outputs(keras_model: Any, outdir: str | os.PathLike, report: dict, *, k
                 keras_model.save(tmp / "model.keras")
         if saved_model:
             with step("saved_model/"):
-                keras_model.export(str(tmp / "saved_model"), format="tf_saved_model", verbose=False)
+                export_saved_model(keras_model, tmp / "saved_model")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         for name, data in (extra_files or {}).items():
             if Path(name).name != name or name in OWN_FILES:
@@ -75,3 +75,53 @@ def _stepper(progress: Callable[[str], None] | None) -> Callable[[str], Any]:
         if progress is not None:
             progress(f"  {name} written in {time.perf_counter() - started:.2f}s")
     return step
+
+
+# ---- outputs as the user wrote them: names of the leaves of an output structure ----------------
+
+def output_paths(value: Any) -> list[str]:
+    """Where each tensor of an output structure sits, in order: "0" for one tensor, "0", "1" for a
+    tuple, the keys for a dict ("logits", "aux.0" for {"logits": x, "aux": (y, z)})."""
+    if isinstance(value, dict):
+        return [f"{k}{'.' + p if p != '0' or _nested(v) else ''}" for k, v in value.items() for p in output_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [f"{i}{'.' + p if _nested(v) else ''}" for i, v in enumerate(value) for p in output_paths(v)]
+    return ["0"]
+
+
+def _nested(value: Any) -> bool:
+    return isinstance(value, (dict, list, tuple))
+
+
+def output_leaves(value: Any) -> list[Any]:
+    """The tensors of an output structure in the order of :func:`output_paths`."""
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in output_leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in output_leaves(v)]
+    return [value]
+
+
+def signature_names(value: Any) -> list[str]:
+    """SavedModel / TFLite signature output names: a dict's keys ("aux_0" for nested entries), else
+    output_0, output_1, ... (a SavedModel signature holds one flat dict of tensors)."""
+    prefix = "" if isinstance(value, dict) else "output_"
+    return [prefix + p.replace(".", "_") for p in output_paths(value)]
+
+
+def export_saved_model(keras_model: Any, path: str | os.PathLike) -> None:
+    """A SavedModel whose 'serving_default' calls the model with training=False and returns its
+    outputs by :func:`signature_names` (the dict keys of a model with dict outputs)."""
+    import keras
+    import tensorflow as tf
+
+    names = signature_names(keras_model.output)
+
+    def serve(x: Any) -> dict[str, Any]:
+        return dict(zip(names, output_leaves(keras_model(x, training=False))))
+
+    archive = keras.export.ExportArchive()
+    archive.track(keras_model)
+    specs = [tf.TensorSpec(t.shape, dtype=t.dtype, name=t.name) for t in keras_model.inputs]
+    archive.add_endpoint("serve", serve, [specs] if len(specs) > 1 else specs)
+    archive.write_out(str(path), verbose=False)

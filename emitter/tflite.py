@@ -26,12 +26,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from tracer.emitter.layers import reserve_name
 from tracer.fixes.tflite_axis_linear_map import axis_linear_map_matmul
 from tracer.fixes.tflite_conv3d import conv3d_for_litert
 from tracer.fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as_conv
 from tracer.fixes.tflite_erf import erf_builtin
 from tracer.fixes.tflite_high_rank_pad import high_rank_pad_as_3d
-from tracer.fixes.tflite_rnn_unroll import rnn_unrolled
 from tracer.errors import ConversionError, InputError, TracerError
 from tracer.ir import Phys
 
@@ -45,7 +45,7 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # callable for the ops LiteRT lacks or gets wrong, or None. They change the exported copy only.
 EXPORT_FIXES: tuple[Callable[[Any], Callable | None], ...] = (
     erf_builtin, axis_linear_map_matmul, dilated_conv_transpose_as_conv, conv3d_for_litert,
-    high_rank_pad_as_3d, rnn_unrolled)
+    high_rank_pad_as_3d)
 
 
 class TFLiteExportError(ConversionError):
@@ -149,6 +149,8 @@ def with_export_fixes(keras_model: Any, fixes: Sequence[Callable[[Any], Callable
         new, _ = replacement(op)
         return op if new is None else new
 
+    for op in keras_model.operations:  # a reloaded model's names are unknown to Keras' auto-naming
+        reserve_name(op.name)
     return keras.models.clone_model(keras_model, clone_function=swap), applied
 
 
@@ -170,18 +172,10 @@ def _configure(converter: Any, kind: str, representative: Callable | None, int8_
 
 
 def _export_inference(keras_model: Any, path: str) -> None:
-    """A SavedModel whose 'serving_default' calls the model with training=False."""
-    import functools
+    """A SavedModel whose 'serving_default' calls the model with training=False (emitter/save.py)."""
+    from tracer.emitter.save import export_saved_model
 
-    import keras
-    import tensorflow as tf
-
-    archive = keras.export.ExportArchive()
-    archive.track(keras_model)
-    specs = [tf.TensorSpec(t.shape, dtype=t.dtype, name=t.name) for t in keras_model.inputs]
-    signature = [specs] if len(specs) > 1 else specs
-    archive.add_endpoint("serve", functools.partial(keras_model.__call__, training=False), signature)
-    archive.write_out(path, verbose=False)
+    export_saved_model(keras_model, path)
 
 
 def _layouts_of(keras_model: Any) -> list[Phys]:

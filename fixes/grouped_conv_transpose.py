@@ -22,7 +22,7 @@ def grouped_conv_transpose(x: Any, spec: Any, extra: tuple, name: str, build_one
     parts = []
     for j in range(g):
         sl = [[None, None, None]] * (rank - 1) + [[j * in_per_group, (j + 1) * in_per_group, None]]
-        xj = L.StridedSlice(sl, name=f"{name}.slice{j}")(x)
+        xj = L.strided_slice(x, sl)
         wj = spec.weight[j * in_per_group:(j + 1) * in_per_group]
         bj = None if spec.bias is None else spec.bias[j * out_per_group:(j + 1) * out_per_group]
         parts.append(build_one(xj, wj, bj, spec, extra, f"{name}.g{j}"))

@@ -27,8 +27,7 @@ def strided_dilated(stride: tuple, dilation: tuple) -> bool:
 
 def subsample(x: Any, stride: tuple, name: str) -> Any:
     """Every stride-th position of each spatial axis of a channels-last tensor."""
-    return L.StridedSlice([[None, None, None], *[[None, None, int(s)] for s in stride], [None, None, None]],
-                          name=name)(x)
+    return L.strided_slice(x, [[None, None, None], *[[None, None, int(s)] for s in stride], [None, None, None]])
 
 
 def spread(x: Any, stride: tuple, name: str) -> Any:
@@ -36,5 +35,5 @@ def spread(x: Any, stride: tuple, name: str) -> Any:
     spatial, channels = tuple(x.shape[1:-1]), x.shape[-1]
     y = keras.ops.reshape(x, (-1, *[v for size in spatial for v in (size, 1)], channels))
     pads = [(0, 0), *[p for s in stride for p in ((0, 0), (0, int(s) - 1))], (0, 0)]
-    y = L.TorchPad(pads, mode="constant", value=0.0, name=name)(y)
+    y = L.pad(y, pads, mode="constant", value=0.0)
     return keras.ops.reshape(y, (-1, *[size * s for size, s in zip(spatial, stride)], channels))

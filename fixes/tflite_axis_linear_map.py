@@ -1,38 +1,50 @@
-"""AxisLinearMap (exact linear/bilinear/trilinear resizing) as transpose + matmul, for the exported
-copy of the model only.
+"""An EinsumDense that multiplies the second-to-last axis by its kernel (a Linear on transposed
+tokens, exact linear resizing along W of an NHWC map), or one with a bias, as matmul, for the
+exported copy of the model only.
 
-Works around: the TensorFlow 2.21 TFLite converter lowers the layer's einsum
-(``"zb,abcd->azcd"``) on a tensor with a dynamic batch into RESHAPE/BATCH_MATMUL ops whose
-static shapes overflow, and the ai-edge-litert 2.3 interpreter refuses the file ("BytesRequired
-number of elements overflowed. Tensor 13 is invalidly specified in schema"). Moving the axis
-last, multiplying by the constant (in, out) matrix and moving the axis back computes the same
-sums with TRANSPOSE and FULLY_CONNECTED/BATCH_MATMUL. The Keras model keeps its einsum layer;
-delete this fix when einsum with a dynamic batch converts correctly.
+Works around the TensorFlow 2.21 TFLite converter's einsum lowering: ``"abc,bz->azc"`` becomes
+TRANSPOSE, FULLY_CONNECTED, TRANSPOSE where a left matmul by the constant kernel is one
+BATCH_MATMUL, and with a bias over a middle axis it does not convert at all ("'tf.Transpose' op
+x should be of the same rank with y", at the bias add). Other axes without a bias export as the
+einsum (for resizing along H of an NHWC map that is FULLY_CONNECTED between two TRANSPOSE ops,
+what moving the axis last would cost too). The Keras model keeps its EinsumDense; delete this fix
+when the converter lowers such an einsum to BATCH_MATMUL and converts its bias.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import keras
 import numpy as np
 from keras import ops
 
-from tracer.emitter.layers import AxisLinearMap
+from tracer.emitter.layers import parse_axis_map
 
 
 def axis_linear_map_matmul(operation: Any) -> Callable | None:
-    """Export fix: replace an AxisLinearMap layer with transpose + matmul by its matrix."""
-    if not isinstance(operation, AxisLinearMap):
+    """Export fix: an EinsumDense of the form "one axis times the kernel" (on the second-to-last axis
+    or with a bias) -> matmul (+ bias, activation)."""
+    if not isinstance(operation, keras.layers.EinsumDense):
         return None
-    matrix_t = np.ascontiguousarray(np.asarray(operation.matrix.numpy(), np.float32).T)  # (in, out)
-    axis = operation.axis
+    axis = parse_axis_map(operation.equation)
+    rank = len(operation.equation.split(",")[0])
+    if axis is None or (axis != rank - 2 and operation.bias is None):
+        return None
+    kernel = np.ascontiguousarray(np.asarray(operation.kernel.numpy(), np.float32))  # (in, out)
+    bias = None if operation.bias is None else np.asarray(operation.bias.numpy(), np.float32)
+    activation = operation.activation
 
-    def resize_axis(x: Any) -> Any:
+    def multiply_axis(x: Any, **_: Any) -> Any:
         rank = len(x.shape)
-        a = axis % rank
-        if a == rank - 1:
-            return ops.matmul(x, matrix_t)
-        order = [i for i in range(rank) if i != a] + [a]
-        y = ops.matmul(ops.transpose(x, order), matrix_t)
-        return ops.transpose(y, [int(i) for i in np.argsort(order)])
+        if axis == rank - 1:
+            y = ops.matmul(x, kernel)
+        elif axis == rank - 2:
+            y = ops.matmul(np.ascontiguousarray(kernel.T), x)
+        else:
+            order = [i for i in range(rank) if i != axis] + [axis]
+            y = ops.transpose(ops.matmul(ops.transpose(x, order), kernel), [int(i) for i in np.argsort(order)])
+        if bias is not None:  # y - (-b) is y + b exactly; Keras' TF add would take (1, n, 1) for a BiasAdd
+            y = ops.subtract(y, -bias.reshape((1,) * (rank - bias.ndim) + bias.shape))
+        return y if activation is None else activation(y)
 
-    return resize_axis
+    return multiply_axis

@@ -6,7 +6,7 @@ Works around: the TensorFlow 2.21 TFLite converter has builtin PAD/PADV2 only up
 convolution in fixes/strided_dilated_conv.py) converts only as a Select TF ("Flex") op. Padding
 one axis at a time is the same result: the tensor is reshaped to (rows before the axis, axis,
 everything after), padded on the middle axis and reshaped back. Only values move, no arithmetic,
-so the result is bit-identical. The Keras model keeps its TorchPad layer; delete this fix when
+so the result is bit-identical. The Keras model keeps its ``keras.ops.pad``; delete this fix when
 LiteRT pads tensors of any rank.
 """
 from __future__ import annotations
@@ -16,18 +16,19 @@ from typing import Any, Callable
 
 from keras import ops
 
-from tracer.emitter.layers import TorchPad
-
 MAX_PAD_RANK = 5  # TFLite PAD / PADV2
 
 
 def high_rank_pad_as_3d(operation: Any) -> Callable | None:
-    """Export fix: a constant-mode TorchPad of rank > 5 -> one 3-D pad per padded axis."""
-    if not isinstance(operation, TorchPad) or operation.mode != "constant" or len(operation.pads) <= MAX_PAD_RANK:
+    """Export fix: a constant-mode ``keras.ops.pad`` of rank > 5 -> one 3-D pad per padded axis."""
+    if type(operation).__name__ != "Pad" or not type(operation).__module__.startswith("keras."):
         return None
-    pads, value = [tuple(p) for p in operation.pads], operation.value
+    pads = [tuple(int(v) for v in p) for p in operation.pad_width]
+    if operation.mode != "constant" or len(pads) <= MAX_PAD_RANK:
+        return None
 
-    def pad(x: Any) -> Any:
+    def pad(x: Any, constant_values: Any = None) -> Any:
+        value = 0.0 if constant_values is None else constant_values
         if pads[0] != (0, 0) or any(d is None for d in x.shape[1:]):
             raise ValueError(f"{operation.name}: high-rank padding needs static non-batch axes and no batch padding")
         for axis, (before, after) in enumerate(pads):

@@ -46,7 +46,7 @@ def pad_spatial(x: Any, pads: Sequence[tuple[int, int]], mode: str, name: str, v
                    3: keras.layers.ZeroPadding3D}[len(pads)]
             return cls(pads[0] if len(pads) == 1 else tuple(pads), name=name)(x)
         mode = "constant"
-    return L.TorchPad([(0, 0), *pads, (0, 0)], mode=mode, value=value, name=name)(x)
+    return L.pad(x, [(0, 0), *pads, (0, 0)], mode=mode, value=value)
 
 
 def crop_spatial(x: Any, crops: Sequence[tuple[int, int]], name: str) -> Any:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tracer.emitter.context import Emit, fold_flat
-from tracer.emitter.layers import AxisDense
+from tracer.emitter import layers as L
 from tracer.op_rules.common import call_with_weights, trainable, weight_of
 from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys
@@ -20,7 +20,7 @@ def _linear_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
 
     A flattened NHWC map stays as it is; the Linear absorbs the order into its weights. A
     layout with torch's last axis second-to-last (a token-mixing Linear on ``x.transpose(1, 2)``)
-    is kept too: the Linear multiplies from the left there (``AxisDense``).
+    is kept too: the Linear multiplies that axis there (an ``EinsumDense``, emitter/layers.py axis_map).
     """
     x = ins[0]
     rank = len(shapes[0])
@@ -43,12 +43,10 @@ def linear(node: OpNode, ctx: Emit) -> Any:
     phys = node.in_layouts[0]
     activation = node.kw.get("fused_activation")
     if phys.perm[-1] != len(phys.perm) - 1:  # torch's last axis is second-to-last here
-        layer = AxisDense(weight.shape[0], activation=activation, use_bias=bias is not None, name=ctx.name(node))
-        weights = [weight] + ([] if bias is None else [bias.reshape(-1, 1)])
-    else:
-        layer = keras.layers.Dense(weight.shape[0], use_bias=bias is not None, activation=activation,
-                                   name=ctx.name(node))
-        weights = [fold_flat(weight, phys).T] + ([] if bias is None else [bias])
+        return L.axis_map(ctx.input(node, 0), -2, weight.T, ctx.name(node), bias=bias, activation=activation,
+                          trainable=trainable(node))
+    layer = keras.layers.Dense(weight.shape[0], use_bias=bias is not None, activation=activation, name=ctx.name(node))
+    weights = [fold_flat(weight, phys).T] + ([] if bias is None else [bias])
     y = call_with_weights(layer, ctx.input(node, 0), weights)
     layer.trainable = trainable(node)
     return y

@@ -57,7 +57,7 @@ def _dilated_max(node: OpNode, ctx: Emit, x: Any, k: tuple, s: tuple, d: tuple, 
     for k_tap, offsets in enumerate(itertools.product(*[range(0, ki * di, di) for ki, di in zip(k, d)])):
         spec = [[None, None, None], *[[o, o + (n_out - 1) * si + 1, si] for o, n_out, si in zip(offsets, size_out, s)],
                 [None, None, None]]
-        tap = L.StridedSlice(spec, name=ctx.name(node, f"tap{k_tap}"))(x)
+        tap = L.strided_slice(x, spec)
         y = tap if y is None else keras.ops.maximum(y, tap)
     return y
 
@@ -76,10 +76,7 @@ def avg_pool(node: OpNode, ctx: Emit) -> Any:
     scale = _avg_rescale(size_in, size_out, k, s, p, include_pad, override)
     if np.all(scale == 1.0):
         return y
-    layer = L.ConstBinary("multiply", scale.shape, name=ctx.name(node, "divisor"))
-    out = layer(y)
-    L.set_value(layer, "value", scale)
-    return out
+    return keras.ops.multiply(y, ctx.constant(scale, ctx.name(node, "divisor")))
 
 
 def _avg_rescale(size_in, size_out, k, s, p, include_pad, override) -> np.ndarray:
@@ -115,7 +112,7 @@ def _adaptive(node: OpNode, ctx: Emit, mode: str) -> Any:
             continue
         starts = [(i * li) // o for i in range(o)]
         ends = [-((-(i + 1) * li) // o) for i in range(o)]
-        x = L.BinnedReduce(axis, starts, ends, mode=mode, name=ctx.name(node, f"axis{axis}"))(x)
+        x = L.binned_reduce(x, axis, starts, ends, mode=mode)
     return x
 
 

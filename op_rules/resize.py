@@ -118,15 +118,13 @@ def interpolate(node: OpNode, ctx: Emit) -> Any:
             return spatial_layer("UpSampling", n)(tuple(reps) if n > 1 else reps[0], name=ctx.name(node))(x)
         for (axis, li, o, _), ix in zip(sizes, index):
             if li != o or not np.array_equal(ix, np.arange(o)):
-                x = L.AxisGather(axis, ix.tolist(), name=ctx.name(node, f"axis{axis}"))(x)
+                x = L.axis_gather(x, axis, ix.tolist())
         return x
     align = bool(param(node, "align_corners", False)) or isinstance(node.module, nn.UpsamplingBilinear2d)
     for axis, li, o, f in sizes:
         if li != o:  # PyTorch copies an axis whose size does not change, whatever the scale factor
-            layer = L.AxisLinearMap(axis, li, o, name=ctx.name(node, f"axis{axis}"))
-            matrix = (_cubic_matrix if mode == "bicubic" else _linear_matrix)(li, o, f, align)
-            L.set_value(layer, "matrix", matrix)
-            x = layer(x)
+            matrix = (_cubic_matrix if mode == "bicubic" else _linear_matrix)(li, o, f, align)  # (out, in)
+            x = L.axis_map(x, axis, np.asarray(matrix).T, ctx.name(node, f"axis{axis}"))
     return x
 
 
@@ -191,7 +189,7 @@ def pad(node: OpNode, ctx: Emit) -> Any:
     if mode == "circular":  # negative pads crop first, the wrap then reads the cropped tensor
         x = _crop(x, crop, ctx.name(node, "crop"))
     if any(a or b for a, b in grow):
-        x = L.TorchPad(grow, mode=mode, value=float(value), name=ctx.name(node))(x)
+        x = L.pad(x, grow, mode=mode, value=float(value))
     return x if mode == "circular" else _crop(x, crop, ctx.name(node, "crop"))
 
 
@@ -199,4 +197,4 @@ def _crop(x: Any, crops: list[tuple[int, int]], name: str) -> Any:
     """Negative pads: drop (before, after) positions of each axis."""
     if not any(a or b for a, b in crops):
         return x
-    return L.StridedSlice([[a or None, -b if b else None, None] for a, b in crops], name=name)(x)
+    return L.strided_slice(x, [[a or None, -b if b else None, None] for a, b in crops])

@@ -46,7 +46,7 @@ def batch_ones(ctx: Emit, rank: int, name: str) -> Any:
     """Ones of shape (B, 1, ..., 1), B the model's batch size at runtime."""
     a = ctx.anchor
     flat = keras.ops.reshape(a, (-1, math.prod(a.shape[1:]))) if len(a.shape) != 2 else a
-    first = L.StridedSlice([[None, None, None], [0, 1, None]], name=name)(flat)
+    first = L.strided_slice(flat, [[None, None, None], [0, 1, None]])
     ones = keras.ops.ones_like(keras.ops.cast(first, "float32"))
     return keras.ops.reshape(ones, (-1, *([1] * (rank - 1))))
 
@@ -256,7 +256,7 @@ def take(node: OpNode, ctx: Emit, x: Any, idx: Any, axis: int) -> Any:
         size = x.shape[axis]
         idx = np.where(idx < 0, idx + size, idx)
         if idx.ndim == 1:
-            return L.AxisGather(axis, idx.tolist(), name=ctx.name(node))(x)
+            return L.axis_gather(x, axis, idx.tolist())
         idx = ctx.constant(idx.astype(np.int32), ctx.name(node, "index"))
     return keras.ops.take(x, idx, axis=axis)
 
@@ -277,7 +277,7 @@ def gather(node: OpNode, ctx: Emit) -> Any:
     cut = [[None, None, None]] + [[None, n, None] if d != dim and n < s else [None, None, None]
                                   for d, (n, s) in enumerate(zip(node.shape, in_shape)) if d > 0]
     if any(c != [None, None, None] for c in cut):
-        x = L.StridedSlice(cut, name=ctx.name(node, "cut"))(x)
+        x = L.strided_slice(x, cut)
     return keras.ops.take_along_axis(x, idx, axis=dim)
 
 
@@ -391,6 +391,6 @@ def fold(node: OpNode, ctx: Emit) -> Any:
     y = call_with_weights(layer, x, [_one_hot_kernel(channels, kernel)])
     layer.trainable = False
     if any(padding):
-        y = L.StridedSlice([[None, None, None], *[[p, p + o, None] for p, o in zip(padding, out)],
-                            [None, None, None]], name=ctx.name(node, "crop"))(y)
+        y = L.strided_slice(y, [[None, None, None], *[[p, p + o, None] for p, o in zip(padding, out)],
+                                [None, None, None]])
     return y

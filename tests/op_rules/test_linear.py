@@ -1,4 +1,4 @@
-"""Linear: Dense on the last axis, AxisDense (left multiply) for token-mixing Linears on transposed tokens."""
+"""Linear: Dense on the last axis, EinsumDense (one axis times the kernel) for token-mixing Linears on transposed tokens."""
 from __future__ import annotations
 
 import keras
@@ -48,14 +48,14 @@ def test_mixer_token_mlp_moves_no_data():
     model = nn.Sequential(MixerBlock(12, 8), MixerBlock(12, 8)).eval()
     result = assert_converts(model, torch.randn(2, 12, 8))
     assert result.transpose_count == 0, result.facts()["layout_conversions"]
-    assert _kinds(result).count("AxisDense") == 4 and _kinds(result).count("Dense") == 4
+    assert _kinds(result).count("EinsumDense") == 4 and _kinds(result).count("Dense") == 4
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gmlp_spatial_gating_moves_no_data(bias):
     result = assert_converts(SpatialGating(10, 12, bias).eval(), torch.randn(3, 10, 12))
     assert result.transpose_count == 0, result.facts()["layout_conversions"]
-    assert "AxisDense" in _kinds(result)
+    assert "EinsumDense" in _kinds(result)
 
 
 def test_token_linear_on_a_4d_tensor():
@@ -68,7 +68,7 @@ def test_token_linear_on_a_4d_tensor():
         def forward(self, x):  # (B, H, N, D): mix N
             return self.fc(x.transpose(-1, -2)).transpose(-1, -2) * 2.0
     result = assert_converts(HeadTokens().eval(), torch.randn(2, 3, 5, 4))
-    assert result.transpose_count == 0 and "AxisDense" in _kinds(result)
+    assert result.transpose_count == 0 and "EinsumDense" in _kinds(result)
 
 
 def test_axis_dense_saves_and_loads_in_safe_mode(tmp_path):

@@ -17,6 +17,7 @@ import torch
 
 from tracer.emitter.tflite import calibration_samples, check_options, export_tflite, op_counts, quiet_native_logs
 from tracer.ir import Phys
+from tracer.emitter.save import signature_names
 from tracer.verify.parity import DEFAULT_TOL, ParityReport, check_parity, flatten_outputs
 
 STRICT_KINDS = ("fp32",)  # held to the tolerance; the others are reported and judged
@@ -31,7 +32,8 @@ class LiteRTRunner:
     to the Keras model by the serving signature's names.
     """
 
-    def __init__(self, model_bytes: bytes, input_names: Sequence[str] | None = None, num_threads: int | None = None):
+    def __init__(self, model_bytes: bytes, input_names: Sequence[str] | None = None, num_threads: int | None = None,
+                 output_names: Sequence[str] | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
         self.interpreter = Interpreter(model_content=model_bytes, num_threads=num_threads)
@@ -41,7 +43,9 @@ class LiteRTRunner:
         if sorted(names) != sorted(ins):
             raise ValueError(f"the .tflite signature has inputs {sorted(ins)}, expected {names}")
         self.inputs = [ins[n] for n in names]
-        self.outputs = [outs[n] for n in sorted(outs, key=_output_position)]
+        order = list(output_names) if output_names and sorted(output_names) == sorted(outs) else sorted(
+            outs, key=_output_position)  # output_names: the Keras model's order (dict outputs by key)
+        self.outputs = [outs[n] for n in order]
         self.calls: list[list[np.ndarray]] = []  # float outputs of each call, in Keras layout
         self._shapes: list[tuple] | None = None
 
@@ -178,9 +182,9 @@ class LiteRTReport:
 def check_litert(model: torch.nn.Module, model_bytes: bytes, kind: str, sample: Sequence[np.ndarray],
                  in_layouts: Sequence[Phys], out_layouts: Sequence[Phys], input_names: Sequence[str] | None = None,
                  n_random: int = 3, extra: Sequence[Sequence[np.ndarray]] = (), tol: float = DEFAULT_TOL,
-                 seed: int = 0) -> LiteRTReport:
+                 seed: int = 0, output_names: Sequence[str] | None = None) -> LiteRTReport:
     """Run ``model_bytes`` and PyTorch on the differential tester's inputs (parity.check_parity)."""
-    runner = LiteRTRunner(model_bytes, input_names)
+    runner = LiteRTRunner(model_bytes, input_names, output_names=output_names)
     recorder = _Recorder(model).eval()
     parity = check_parity(recorder, runner, sample, in_layouts, out_layouts, n_random=n_random, extra=extra,
                           tol=tol, seed=seed)
@@ -239,7 +243,8 @@ def export_and_check(model: torch.nn.Module, keras_model: Any, kinds: Sequence[s
                 say(f"not running TFLite {kind} in LiteRT: it uses Select TF ops ({', '.join(flex)})")
             continue
         report = check_litert(model, files[kind], kind, sample, in_layouts, out_layouts,
-                              keras_input_names(keras_model), n_random=n_random, extra=trials, tol=tol)
+                              keras_input_names(keras_model), n_random=n_random, extra=trials, tol=tol,
+                              output_names=signature_names(keras_model.output))
         if len(trials) > len(extra):
             report.calib_trial = report.parity.trials[-1].label
         reports[kind] = report

@@ -21,6 +21,7 @@ import torch.fx as fx
 from tracer.op_rules.registry import has_module_rule, lookup
 from tracer.errors import InputError
 from tracer.ir import OpNode, Phys, ordered, target_name
+from tracer.emitter.save import output_leaves
 from tracer.verify.parity import flatten_outputs
 from tracer.verify.report import NodeDiff, Stats
 
@@ -115,7 +116,7 @@ def keras_probe(result: Any) -> Probe:
                 seen[id(t)] = len(outs)
                 outs.append(t)
             keys.append((node.name, k, seen[id(t)]))
-    finals = list(result.keras_model.outputs)
+    finals = output_leaves(result.keras_model.output)  # in forward's order (Keras' .outputs sorts dict keys)
     model = keras.Model(inputs=result.keras_model.inputs, outputs=outs + finals, name="tracer_probe")
     return Probe(model, keys, len(finals))
 

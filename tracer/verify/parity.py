@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from tracer.errors import ConversionError
-from tracer.ir import Phys
+from tracer.emitter.save import output_leaves, output_paths
+from tracer.ir import Phys, Ref, ordered
 from tracer.verify.keras_failure import describe_failure, feed_of
 
 DEFAULT_TOL = 1e-5
@@ -71,6 +72,10 @@ class Trial:
 class ParityReport:
     tolerance: float
     trials: list[Trial] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)  # "0", "1" or the model's dict keys ("logits")
+
+    def output_name(self, i: int) -> str:
+        return self.output_names[i] if i < len(self.output_names) else str(i)
 
     @property
     def ok(self) -> bool:
@@ -90,13 +95,14 @@ class ParityReport:
         for t in self.trials:
             for o in t.outputs:
                 flag = "ok  " if o.ok else ("NaN " if not o.finite else "FAIL")
-                lines.append(f"  {flag} {t.label:<14} output {o.output} {str(o.shape):<18} "
+                lines.append(f"  {flag} {t.label:<14} output {self.output_name(o.output)} {str(o.shape):<18} "
                              f"max abs {o.max_abs:.3e}  scaled {o.max_rel:.3e}  (max|y| {o.max_ref:.3g})")
-            lines += [_exactness_line(e) for e in t.exactness]
+            lines += [_exactness_line(e, self.output_name(e.output)) for e in t.exactness]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "tolerance": self.tolerance, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "output_names": [self.output_name(i) for i in range(len(self.trials[0].outputs) if self.trials else 0)],
                 "trials": [{"label": t.label, "input_shapes": t.input_shapes, "ok": t.ok,
                             "outputs": [asdict(o) for o in t.outputs],
                             "fp64_reference": [{**asdict(e), "fp32_limited": e.fp32_limited} for e in t.exactness]}
@@ -106,13 +112,13 @@ class ParityReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _exactness_line(e: Exactness) -> str:
+def _exactness_line(e: Exactness, name: str) -> str:
     ratio = f"{e.ratio:.1f}x" if np.isfinite(e.ratio) else "infinitely"
     verdict = (f"Keras's error is {ratio} PyTorch's own fp32 error, within the {FP32_NOISE_FACTOR:g}x that "
                "rounding in another summation order reaches: fp32 limits, not the conversion" if e.fp32_limited else
                f"Keras's error is {ratio} PyTorch's own fp32 error, beyond the {FP32_NOISE_FACTOR:g}x that "
                "rounding in another summation order reaches: a conversion error")
-    return (f"       vs PyTorch float64, output {e.output}: PyTorch fp32 {e.torch_fp32:.3e}, "
+    return (f"       vs PyTorch float64, output {name}: PyTorch fp32 {e.torch_fp32:.3e}, "
             f"Keras {e.keras:.3e} (scaled): {verdict}")
 
 
@@ -149,6 +155,21 @@ def flatten_outputs(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def graph_output_names(graph: Any) -> list[str]:
+    """Names of the outputs as forward returned them: "0", "1", ... or the dict keys ("aux.0" nested)."""
+    out = next((n for n in ordered(graph) if n.kind == "output"), None) if graph is not None else None
+    return [] if out is None else output_paths(_tensor_refs(out.args[0]))
+
+
+def _tensor_refs(value: Any) -> Any:
+    """The output structure with only its graph references (what the Keras model outputs)."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in ((k, _tensor_refs(x)) for k, x in value.items()) if v is not None}
+    if isinstance(value, (tuple, list)):
+        return [v for v in (_tensor_refs(x) for x in value) if v is not None]
+    return value if isinstance(value, Ref) else None
+
+
 def run_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     with torch.no_grad():
         out = model(*[torch.from_numpy(np.array(x)) for x in inputs])  # a copy: forward may modify it in place
@@ -157,8 +178,7 @@ def run_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.n
 
 def run_keras(keras_model: Any, inputs: Sequence[np.ndarray], in_layouts: Sequence[Phys],
               out_layouts: Sequence[Phys]) -> list[np.ndarray]:
-    out = keras_model(feed_of(inputs, in_layouts), training=False)
-    outs = out if isinstance(out, (list, tuple)) else [out]
+    outs = output_leaves(keras_model(feed_of(inputs, in_layouts), training=False))  # dict outputs: by key
     return [np.transpose(np.asarray(y), np.argsort(p.perm)) for y, p in zip(outs, out_layouts)]
 
 
@@ -209,7 +229,7 @@ def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.n
         batch = (shapes[0][0] % 3) + 2 if k == n_random - 1 and shapes[0] else None
         trials.append((f"random{k}" + (f" (batch {batch})" if batch else ""), random_like(shapes, dtypes, seed + k, batch)))
     trials += [(f"user{k}", list(x)) for k, x in enumerate(extra)]
-    report = ParityReport(tolerance=tol)
+    report = ParityReport(tolerance=tol, output_names=graph_output_names(graph))
     for label, inputs in trials:
         expected = run_torch(model, inputs)
         try:
