@@ -1,62 +1,53 @@
-"""Gradient parity: the converted model trains like the PyTorch one.
+"""Gradient parity: the converted model trains like the PyTorch one, judged against float64.
 
-In training mode (BatchNorm on batch statistics, dropout off) both models see the same batch
-and the same loss, a fixed random projection of the outputs ``sum_i <out_i, R_i>``. Compared,
-each by name:
+In training mode (BatchNorm on batch statistics, dropout off) the Keras model and the PyTorch
+reference see the same batch and the same loss, a fixed random projection of the outputs
+``sum_i <out_i, R_i>``. Compared, each by name (:mod:`tracer.verify.gradcheck_compare`):
 
+* the training-mode forward, node by node (the first node whose value differs is named, with its
+  rule and source line: a wrong epsilon, a scaled output, moving statistics used in training);
 * the loss gradient with respect to every input and every parameter: PyTorch ``backward()``
-  against ``tf.GradientTape`` over ``keras_model(x, training=True)``;
+  against ``tf.GradientTape`` over the Keras model with every node's tensor exposed;
 * one SGD step: the change of every weight;
 * BatchNorm moving statistics after that step.
 
-PyTorch runs the captured fx graph (the same graph the conversion saw, captured in eval mode, so
-Python branches on ``self.training`` take their inference path) with its modules in training
-mode and dropout modules in eval mode; a model captured with torch.export runs as itself in
-``model.train()``. Each Keras weight is matched to the PyTorch tensor it holds, as an index map
-(:mod:`tracer.verify.gradcheck_params`); that map carries Keras gradients back into PyTorch's shape, so
-a PyTorch parameter used by several Keras layers gets their sum. A trainable Keras weight that
-holds no PyTorch tensor, or a PyTorch parameter no trainable Keras weight holds, is a mismatch.
+The reference is PyTorch in float64: a deep copy of the model, ``.double()``, running the captured
+fx graph (the graph the conversion saw, captured in eval mode, so Python branches on
+``self.training`` take their inference path) with its modules in training mode and dropout
+modules in eval mode; a model captured with torch.export runs as itself in ``train()``. At every
+kink (ReLU family, clamp, hardswish, abs, max/min, max-pool) the float64 run takes the branch Keras
+took (:mod:`tracer.verify.kinks`): a flip at a tie is a note with its location, any other flip a
+forward mismatch. The same run in PyTorch fp32 (same branches) against float64 is the *noise
+floor*, reported beside Keras's errors. Each Keras weight is matched to the PyTorch tensor it
+holds, as an index map (:mod:`tracer.verify.gradcheck_params`).
 
-Both models are restored afterwards (weights, BatchNorm statistics, ``.grad``, train/eval flags).
+The user's model is not touched (both references are copies); the Keras weights and BatchNorm
+statistics are restored afterwards.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
-import keras
 import numpy as np
 import torch
 
-from tracer.fixes.parametrizations import parametrized_tensors
-from tracer.op_rules.registry import lookup
 from tracer.errors import InputError
-from tracer.verify.gradcheck_params import ParamMap, map_parameters, restore_torch_weights
-from tracer.ir import ordered
-from tracer.verify.parity import flatten_outputs
-from tracer.verify.nodes import torch_graph_module
+from tracer.fixes.parametrizations import parametrized_tensors
+from tracer.ir import op, ordered
+from tracer.verify.gradcheck_compare import (FLOOR, Mismatch, TensorDiff, compare_bn, compare_grads, compare_step,
+                                             diff)
+from tracer.verify.gradcheck_params import map_parameters, restore_torch_weights
+from tracer.verify.kinks import TIE, Flip, GatedRun, decisions, find_kinks
+from tracer.verify.nodes import compare_nodes, compare_value, divergences, keras_probe, to_torch_order, torch_graph_module
+from tracer.verify.parity import FP32_NOISE_FACTOR, flatten_outputs
 
 __all__ = ["GradReport", "Mismatch", "TensorDiff", "check_gradients", "map_parameters", "restore_torch_weights"]
 
 LR = 0.1
-FLOOR = 1e-2  # errors are relative to max(max|tensor|, FLOOR * the largest gradient of any parameter)
-
-
-@dataclass(frozen=True)
-class TensorDiff:
-    name: str
-    shape: tuple
-    max_abs: float
-    error: float  # max_abs / the tensor's scale (see check_gradients)
-    ok: bool
-    keras: str = ""  # the Keras variable(s) it was compared with
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    kind: str  # gradient | sgd_step | bn_stats | unmapped
-    name: str
-    message: str
+FORWARD_TOL = 1e-5  # training-mode node values: max|keras - float64| <= FORWARD_TOL x max(1, max|float64|)
+SHOWN_FLIPS = 3  # non-tie flips named one by one; the rest counted
 
 
 @dataclass
@@ -64,14 +55,22 @@ class GradReport:
     tolerance: float
     batch: int
     torch_runs: str  # what ran on the PyTorch side
+    reference: str = "float64"  # the dtype of the reference run
     loss_torch: float = 0.0
     loss_keras: float = 0.0
+    noise_floor: float = 0.0  # max error of PyTorch fp32 (same branches) against the reference
+    forward_error: float = 0.0  # max training-mode node error, Keras against the reference
+    forward_noise: float = 0.0  # the same for PyTorch fp32
+    forward_tolerance: float = FORWARD_TOL
+    kinks: int = 0  # kinks of the graph
+    gated: int = 0  # of them, run on Keras's branch
     inputs: list[TensorDiff] = field(default_factory=list)
     params: list[TensorDiff] = field(default_factory=list)
     steps: list[TensorDiff] = field(default_factory=list)
     bn_stats: list[TensorDiff] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
     known_differences: list[str] = field(default_factory=list)
+    flips: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     mapping: list[dict] = field(default_factory=list)
 
@@ -86,34 +85,46 @@ class GradReport:
     def summary(self) -> str:
         lines = [f"gradient parity: {'OK' if self.ok else 'MISMATCH'} ({len(self.params)} parameters, "
                  f"{len(self.inputs)} inputs, batch {self.batch}; max error {self.max_error:.3e}, tolerance "
-                 f"{self.tolerance:g}; loss torch {self.loss_torch:.6g} keras {self.loss_keras:.6g})"]
+                 f"{self.tolerance:g}; loss torch {self.loss_torch:.6g} keras {self.loss_keras:.6g})",
+                 f"  reference: PyTorch {self.reference}, {self.gated} of {self.kinks} kinks on Keras's branch; "
+                 f"noise floor (PyTorch fp32 against it) {self.noise_floor:.1e}; training forward max error "
+                 f"Keras {self.forward_error:.1e}, PyTorch fp32 {self.forward_noise:.1e} (tolerance "
+                 f"{self.forward_tolerance:g})"]
         lines += [f"  {m.kind}: {m.name}: {m.message}" for m in self.mismatches]
         lines += [f"  known difference: {k}" for k in self.known_differences[:1]]
         if len(self.known_differences) > 1:
             lines.append(f"  (the same for {len(self.known_differences) - 1} more BatchNorm layers; see report.json)")
+        ties = [f for f in self.flips if f["tie"]]
+        if ties:
+            lines.append(f"  note: {sum(f['count'] for f in ties)} element(s) at {len(ties)} kink(s) took the other "
+                         f"branch at a tie (first: {ties[0]['node']} at {ties[0]['source']}); compared on Keras's branch")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "tolerance": self.tolerance, "batch": self.batch, "torch_runs": self.torch_runs,
-                "loss_torch": self.loss_torch, "loss_keras": self.loss_keras, "max_error": self.max_error,
+                "reference": self.reference, "loss_torch": self.loss_torch, "loss_keras": self.loss_keras,
+                "max_error": self.max_error, "noise_floor": self.noise_floor, "forward_error": self.forward_error,
+                "forward_noise": self.forward_noise, "forward_tolerance": self.forward_tolerance,
+                "kinks": self.kinks, "gated": self.gated,
                 "inputs": [asdict(d) for d in self.inputs], "params": [asdict(d) for d in self.params],
                 "steps": [asdict(d) for d in self.steps], "bn_stats": [asdict(d) for d in self.bn_stats],
                 "mismatches": [asdict(m) for m in self.mismatches],
-                "known_differences": list(self.known_differences), "notes": list(self.notes),
-                "mapping": self.mapping}
-
+                "known_differences": list(self.known_differences), "flips": list(self.flips),
+                "notes": list(self.notes), "mapping": self.mapping}
 
 
 # ---- the check ----------------------------------------------------------------------------------
 def check_gradients(model: torch.nn.Module, result: Any, sample: Sequence[np.ndarray], *, tol: float = 1e-3,
-                    stat_tol: float = 1e-5, batch: int = 4, seed: int = 0, lr: float = LR) -> GradReport:
-    """Gradients, one SGD step and BatchNorm statistics of ``model`` vs ``result.keras_model``.
+                    stat_tol: float = 1e-5, forward_tol: float = FORWARD_TOL, batch: int = 4, seed: int = 0,
+                    lr: float = LR) -> GradReport:
+    """Training-mode forward, gradients, one SGD step and BatchNorm statistics of ``result.keras_model``
+    against ``model`` in float64 on Keras's branches.
 
     ``sample`` gives the input shapes (PyTorch layout); a batch of ``batch`` normal inputs is drawn.
     A tensor's error is ``max|keras - torch| / max(max|torch|, FLOOR * the largest parameter
     gradient)``; the floor keeps analytically-zero gradients (a conv bias before a training-mode
     BatchNorm) from turning rounding noise into a failure. BatchNorm statistics are held to
-    ``stat_tol`` (scaled by max(1, max|value|), like outputs).
+    ``stat_tol`` and node values to ``forward_tol`` (scaled by max(1, max|value|), like outputs).
     """
     rng = np.random.default_rng(seed)
     shapes = [(batch, *np.shape(x)[1:]) for x in sample]  # non-float inputs (ids): the sample's rows, repeated
@@ -121,29 +132,27 @@ def check_gradients(model: torch.nn.Module, result: Any, sample: Sequence[np.nda
           else np.resize(np.asarray(x), shape) for x, shape in zip(sample, shapes)]
     keras_model = result.keras_model
     maps, unmatched = map_parameters(model, keras_model)
-    saved = _TorchState(model)
+    before = {k: v.detach().cpu().numpy().copy() for k, v in [*model.named_buffers(), *model.named_parameters()]}
     keras_saved = keras_model.get_weights()
     try:
-        if result.graph.graph.get("capture", {}).get("method", "fx") == "fx":
-            runner, runs = torch_graph_module(model, result.graph, sample), "captured fx graph, modules in train mode"
-        else:
-            runner, runs = model, "model.train() (captured with torch.export)"
-        report = GradReport(tolerance=tol, batch=batch, torch_runs=runs + ", dropout off")
-        t_in, t_grads, t_loss, projections = _torch_side(model, runner, xs, rng)
-        k_in, k_grads, k_loss = _keras_side(keras_model, result, xs, projections)
-        report.loss_torch, report.loss_keras = t_loss, k_loss
-        stats_before = {m.torch_name: saved.tensors[m.torch_name].numpy().copy() for m in maps}
-        _compare_grads(report, model, result, maps, unmatched, t_in, t_grads, k_in, k_grads, tol)
-        _compare_bn(report, model, result, maps, stats_before, stat_tol, batch)
-        _compare_step(report, model, keras_model, maps, t_grads, k_grads, lr, tol)
+        keras_run = _keras_side(result, xs, rng)
+        fx_graph = result.graph.graph.get("capture", {}).get("method", "fx") == "fx"
+        runs = ("captured fx graph, modules in train mode" if fx_graph else "model.train() (captured with torch.export)")
+        report = GradReport(tolerance=tol, batch=batch, torch_runs=runs + ", dropout off", forward_tolerance=forward_tol)
+        ref, fp32 = _reference_runs(report, model, result, sample, xs, keras_run, fx_graph)
+        report.loss_torch, report.loss_keras = ref.loss, keras_run.loss
+        _compare_forward(report, result, ref, fp32, keras_run.values, forward_tol)
+        _judge_flips(report, result, ref.flips)
+        compare_grads(report, model, result, maps, unmatched, ref.in_grads, ref.grads, keras_run.in_grads,
+                      keras_run.grads, tol)
+        report.noise_floor = _noise_floor(ref, fp32)
+        compare_bn(report, ref.model, result, maps, before, stat_tol, batch)
+        compare_step(report, ref.model, keras_model, maps, ref.grads, keras_run.grads, lr, tol)
         report.mapping = [{"torch": m.torch_name, "keras": m.keras_path, "how": m.how} for m in maps]
         report.notes += _notes(model, result)
     finally:
-        saved.restore(model)
         keras_model.set_weights(keras_saved)
     return report
-
-
 def _notes(model: torch.nn.Module, result: Any) -> list[str]:
     """What makes training differ by design: baked parametrizations, functional dropout."""
     notes = []
@@ -159,239 +168,176 @@ def _notes(model: torch.nn.Module, result: Any) -> list[str]:
     return notes
 
 
-class _TorchState:
-    """Parameters, buffers, .grad and train flags, to put back after the check."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-        self.tensors = {**{k: v.detach().clone() for k, v in model.named_buffers()},
-                        **{k: v.detach().clone() for k, v in model.named_parameters()}}
-        self.grads = {k: (p.grad.clone() if p.grad is not None else None) for k, p in model.named_parameters()}
-        self.flags = {k: m.training for k, m in model.named_modules()}
-
-    def restore(self, model: torch.nn.Module) -> None:
-        model.load_state_dict(self.state)
-        for k, p in model.named_parameters():
-            p.grad = self.grads[k]
-        for k, m in model.named_modules():
-            m.training = self.flags[k]
+# ---- the Keras side -----------------------------------------------------------------------------
+@dataclass
+class _KerasRun:
+    values: dict[str, np.ndarray]  # every node's training-mode value, Keras layout
+    torch_order: dict[str, np.ndarray]  # the same in PyTorch's axis order, placeholders included
+    projections: list[np.ndarray | None]  # PyTorch order
+    in_grads: list[np.ndarray | None]
+    grads: dict[str, np.ndarray | None]
+    loss: float
 
 
-def _torch_side(model: torch.nn.Module, runner: Any, xs: list, rng: np.random.Generator) -> tuple:
-    for p in model.parameters():
-        p.grad = None
-    runner.train()
-    for m in runner.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.eval()
-    inputs = [torch.tensor(x, requires_grad=bool(np.issubdtype(x.dtype, np.floating))) for x in xs]
-    outs = flatten_outputs(runner(*inputs))
-    projections = [rng.standard_normal(tuple(o.shape)).astype(np.float32) / np.sqrt(max(o.numel(), 1))
-                   if o.is_floating_point() else None for o in outs]
-    if all(r is None for r in projections):
-        raise InputError("gradient parity needs a floating-point output; this model has none")
-    loss = sum((o * torch.from_numpy(r)).sum() for o, r in zip(outs, projections) if r is not None)
-    loss.backward()
-    grads = {k: (p.grad.detach().numpy().copy() if p.grad is not None else None) for k, p in model.named_parameters()}
-    in_grads = [x.grad.numpy().copy() if x.grad is not None else None for x in inputs]
-    return in_grads, grads, float(loss.item()), projections
-
-
-def _keras_side(keras_model: Any, result: Any, xs: list, projections: list) -> tuple:
+def _keras_side(result: Any, xs: list, rng: np.random.Generator) -> _KerasRun:
+    """One training-mode call of the Keras model with every node's tensor exposed, under a tape."""
     import tensorflow as tf
+    probe = keras_probe(result)
     feed = [tf.constant(np.ascontiguousarray(np.transpose(x, p.perm))) for x, p in zip(xs, result.input_layouts)]
-    variables = keras_model.trainable_variables
+    variables = result.keras_model.trainable_variables
     with tf.GradientTape() as tape:
         tape.watch([f for f in feed if f.dtype.is_floating])
-        outs = keras_model(feed if len(feed) > 1 else feed[0], training=True)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        got = probe.model(feed, training=True)
+        got = list(got) if isinstance(got, (list, tuple)) else [got]
+        finals = got[len(got) - probe.n_outputs:]
+        projections = [None if not o.dtype.is_floating else _projection(rng, [o.shape[i] for i in np.argsort(p.perm)])
+                       for o, p in zip(finals, result.output_layouts)]
+        if all(r is None for r in projections):
+            raise InputError("gradient parity needs a floating-point output; this model has none")
         loss = tf.add_n([tf.reduce_sum(o * np.transpose(r, p.perm))
-                         for o, r, p in zip(outs, projections, result.output_layouts) if r is not None])
+                         for o, r, p in zip(finals, projections, result.output_layouts) if r is not None])
     grads = tape.gradient(loss, feed + list(variables))
+    values: dict[str, Any] = {}
+    for name, k, i in probe.keys:
+        if k is None:
+            values[name] = got[i].numpy()
+        else:
+            values.setdefault(name, {})[k] = got[i].numpy()
+    torch_order = {n.name: x for n, x in zip((n for n in ordered(result.graph) if n.kind == "placeholder"), xs)}
+    torch_order.update({name: to_torch_order(v, op(result.graph, name).layout)
+                        for name, v in values.items() if isinstance(v, np.ndarray)})
     in_grads = [None if g is None else np.transpose(g.numpy(), np.argsort(p.perm))
                 for g, p in zip(grads[:len(feed)], result.input_layouts)]
     var_grads = {v.path: (None if g is None else np.asarray(g)) for v, g in zip(variables, grads[len(feed):])}
-    return in_grads, var_grads, float(loss)
+    return _KerasRun(values, torch_order, projections, in_grads, var_grads, float(loss))
 
 
-def _diff(name: str, t: np.ndarray, k: np.ndarray, floor: float, tol: float, keras_names: str = "") -> TensorDiff:
-    max_abs = float(np.max(np.abs(t.astype(np.float64) - k), initial=0.0)) if t.size else 0.0
-    scale = max(float(np.max(np.abs(t), initial=0.0)), floor, 1e-30)
-    finite = bool(np.all(np.isfinite(k))) and bool(np.all(np.isfinite(t)))
-    err = max_abs / scale if finite else float("inf")
-    return TensorDiff(name, tuple(t.shape), max_abs, err, finite and err <= tol, keras_names)
+def _projection(rng: np.random.Generator, shape: list[int]) -> np.ndarray:
+    return rng.standard_normal(tuple(shape)).astype(np.float32) / np.sqrt(max(int(np.prod(shape)), 1))
 
 
-def _gather(maps: list[ParamMap], shape: tuple, values: dict[str, np.ndarray | None]) -> np.ndarray:
-    """Keras per-variable values scattered back into one PyTorch-shaped array (summed where shared)."""
-    out = np.zeros(int(np.prod(shape)), np.float64)
-    for m in maps:
-        v = values.get(m.keras_path)
-        if v is not None:
-            np.add.at(out, m.index.ravel(), np.asarray(v, np.float64).ravel())
-    return out.reshape(shape)
+# ---- the PyTorch references ---------------------------------------------------------------------
+@dataclass
+class _TorchRun:
+    model: torch.nn.Module  # the copy that ran (its BatchNorm statistics updated, its .grad set)
+    values: dict[str, Any]
+    flips: list[Flip]
+    in_grads: list[np.ndarray | None]
+    grads: dict[str, np.ndarray | None]
+    loss: float
 
 
-def _compare_grads(report: GradReport, model: torch.nn.Module, result: Any, maps: list[ParamMap],
-                   unmatched: list[str], t_in: list, t_grads: dict, k_in: list, k_grads: dict, tol: float) -> None:
-    """Input gradients, every PyTorch parameter's gradient, and trainable Keras weights PyTorch lacks."""
-    for i, (t, k) in enumerate(zip(t_in, k_in)):
-        if t is None:
-            continue
-        if k is None:
-            report.mismatches.append(Mismatch("gradient", f"input {i}", "Keras gives no gradient for this input"))
-            continue
-        d = _diff(f"input {i}", t, k, 0.0, tol)
-        report.inputs.append(d)
-        if not d.ok:
-            report.mismatches.append(Mismatch("gradient", d.name, f"input gradient differs: max|diff| "
-                                              f"{d.max_abs:.3e}, error {d.error:.3e} > {tol:g}"))
-    floor = FLOOR * max((float(np.max(np.abs(g), initial=0.0)) for g in t_grads.values() if g is not None), default=0.0)
-    by_torch: dict[str, list[ParamMap]] = {}
-    for m in maps:
-        by_torch.setdefault(m.torch_name, []).append(m)
-    nodes = {}  # module path -> the node whose rule read that module's parameters
-    for node in ordered(result.graph):
-        if node.kind == "call_module":
-            nodes.setdefault(node.module_path, node)
-    for name, p in model.named_parameters():
-        if by_torch.get(name) or not p.requires_grad or t_grads.get(name) is None or not np.any(t_grads[name]):
-            _compare_param(report, name, p, by_torch.get(name, []), t_grads.get(name), k_grads, floor, tol)
+def _reference_runs(report: GradReport, model: torch.nn.Module, result: Any, sample: Sequence[np.ndarray],
+                    xs: list, keras_run: _KerasRun, fx_graph: bool) -> tuple[_TorchRun, _TorchRun]:
+    """The float64 reference and the fp32 noise-floor run, both on Keras's branches; if the model
+    cannot run in float64 (a dtype fixed inside its forward), fp32 is the reference, and that is noted."""
+    fp32 = _torch_run(model, result, sample, xs, keras_run, fx_graph, torch.float32)
+    report.kinks, report.gated = fp32.kinks, fp32.gated
+    try:
+        ref = _torch_run(model, result, sample, xs, keras_run, fx_graph, torch.float64)
+    except RuntimeError as e:
+        report.reference = "float32"
+        report.notes.append(f"the model does not run in float64 ({str(e).splitlines()[0][:160]}): the reference "
+                            "is PyTorch fp32, so rounding noise is not told from errors")
+        return fp32.run, fp32.run
+    if not fx_graph:
+        report.notes.append("captured with torch.export: the reference runs the model itself, kinks not on "
+                            "Keras's branch (a flip at a tie shows as a gradient difference)")
+    return ref.run, fp32.run
+
+
+@dataclass
+class _Ran:
+    run: _TorchRun
+    kinks: int
+    gated: int
+
+
+def _torch_run(model: torch.nn.Module, result: Any, sample: Sequence[np.ndarray], xs: list, keras_run: _KerasRun,
+               fx_graph: bool, dtype: torch.dtype) -> _Ran:
+    twin = copy.deepcopy(model).to(dtype)
+    for p in twin.parameters():
+        p.grad = None
+    if fx_graph:
+        gm = torch_graph_module(twin, result.graph, sample)
+        kinks = find_kinks(gm)
+        branches = decisions(gm, kinks, keras_run.torch_order)
+        runner = GatedRun(gm, kinks, branches, record=dtype == torch.float64)
+        modules, call = gm, runner.run
+    else:
+        kinks, branches, runner, modules, call = {}, {}, None, twin, twin
+    modules.train()
+    for m in modules.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
+    inputs = [torch.tensor(x, dtype=dtype if np.issubdtype(x.dtype, np.floating) else None,
+                           requires_grad=bool(np.issubdtype(x.dtype, np.floating))) for x in xs]
+    outs = flatten_outputs(call(*inputs))
+    loss = sum((o * torch.from_numpy(r).to(o.dtype)).sum() for o, r in zip(outs, keras_run.projections) if r is not None)
+    loss.backward()
+    grads = {k: (p.grad.detach().numpy().copy() if p.grad is not None else None) for k, p in twin.named_parameters()}
+    in_grads = [x.grad.numpy().copy() if x.grad is not None else None for x in inputs]
+    run = _TorchRun(twin, runner.values if runner else {}, runner.flips if runner else [], in_grads, grads,
+                    float(loss.item()))
+    return _Ran(run, len(kinks), len(branches))
+
+
+# ---- forward and flips --------------------------------------------------------------------------
+def _compare_forward(report: GradReport, result: Any, ref: _TorchRun, fp32: _TorchRun, keras_values: dict,
+                     tol: float) -> None:
+    """Training-mode node values against the reference; the first nodes that differ are mismatches.
+
+    A node over ``tol`` where Keras is within FP32_NOISE_FACTOR of PyTorch fp32's own error there
+    (both against float64) is fp32 rounding (tracer.verify.parity's rule): BatchNorm on a few values
+    per channel amplifies it (RepVGG-A0 at batch 2: 2 x 2 x 2 values, PyTorch fp32 itself 1.2e-5).
+    """
+    if not ref.values:
+        return
+    diffs = compare_nodes(result, ref.values, keras_values, "training", tol)
+    noise = {name: compare_value(ref.values[name], fp32.values[name])[1] for name in diffs
+             if isinstance(ref.values.get(name), np.ndarray) and isinstance(fp32.values.get(name), np.ndarray)}
+    report.forward_error = max((d.error for d in diffs.values()), default=0.0)
+    report.forward_noise = max(noise.values(), default=0.0)
+    judged = [replace(d, ok=True) if not d.ok and d.cause == "tolerance" and ref is not fp32
+              and d.error <= FP32_NOISE_FACTOR * noise.get(d.name, 0.0) else d for d in diffs.values()]
+    for d in divergences(sorted(judged, key=lambda d: d.index))[:SHOWN_FLIPS]:
+        where = f"{d.op} (rule {d.rule}{', module ' + d.module_path if d.module_path else ''}) at {d.source}"
+        report.mismatches.append(Mismatch(
+            "forward", d.name, f"the training-mode forward differs first here: {where}: {d.detail}; PyTorch fp32's "
+            f"own error here {noise.get(d.name, float('nan')):.1e} (more than {FP32_NOISE_FACTOR:g}x that is not "
+            "rounding)"))
+
+
+def _judge_flips(report: GradReport, result: Any, flips: list[Flip]) -> None:
+    """Ties are notes (listed in ``flips``); any other flip is a forward mismatch."""
+    wrong = []
+    for f in flips:
+        where = str(op(result.graph, f.node).source) if f.node in result.graph else "?"
+        report.flips.append({"node": f.node, "op": f.what, "source": where, "count": f.count, "ties": f.ties,
+                             "worst": f.worst, "tie": f.tie})
+        if f.tie:
+            report.notes.append(f"{f.what} {f.node} at {where}: {f.count} element(s) take the other branch in Keras "
+                                f"fp32 at a tie (within {f.worst:.1e} x max|value| of the threshold, <= {TIE:g}); "
+                                "compared on Keras's branch")
         else:
-            report.mismatches.append(Mismatch("gradient", name, "PyTorch trains it, Keras cannot: "
-                                              + _why_unheld(model, name, nodes.get(name.rpartition(".")[0]))))
-    for path in unmatched:
-        if path in k_grads:  # trainable in Keras
-            report.mismatches.append(Mismatch("unmapped", path, "Keras trains this weight, but it holds no PyTorch "
-                                              "parameter or buffer (no exact rearrangement of one): nothing in "
-                                              "PyTorch trains like it"))
+            wrong.append((f, where))
+    for f, where in wrong[:SHOWN_FLIPS]:
+        report.mismatches.append(Mismatch(
+            "forward", f.node, f"{f.what} at {where}: {f.count - f.ties} of {f.count} element(s) take another branch "
+            f"in Keras than in float64, up to {f.worst:.2e} x max|value| from the threshold: not a tie (<= {TIE:g})"))
+    if len(wrong) > SHOWN_FLIPS:
+        report.mismatches.append(Mismatch("forward", f"{len(wrong) - SHOWN_FLIPS} more kinks",
+                                          "take other branches in Keras too (see flips in report.json)"))
 
 
-def _why_unheld(model: torch.nn.Module, name: str, node: Any) -> str:
-    """Why no Keras weight holds PyTorch parameter ``name`` (``node``: the node of its module, if any)."""
-    if _parametrized(model, name):
-        return ("it is a parametrization's source: the conversion baked the weight computed from it "
-                "(fixes/parametrizations.py), Keras trains that weight instead")
-    if node is not None:
-        r = lookup(node.target)
-        where = f"{node.source.file}:{node.source.line}" if node.source.file else "unknown source"
-        return (f"no Keras weight holds it: rule {r.name if r else '?'} of node {node.name} ({where}) made "
-                "it a constant (to keep it trainable, the rule must give it to a Keras layer as a weight)")
-    return "no Keras weight holds it (a value computed from it at conversion, or folded)"
-
-
-def _compare_param(report: GradReport, name: str, p: torch.nn.Parameter, held: list[ParamMap],
-                   g: np.ndarray | None, k_grads: dict, floor: float, tol: float) -> None:
-    """One PyTorch parameter's gradient against the sum over the trainable Keras weights that hold it."""
-    mine = [m for m in held if m.trainable]
-    if not p.requires_grad:
-        if mine:
-            report.mismatches.append(Mismatch("gradient", name, f"frozen in PyTorch (requires_grad=False) "
-                                              f"but trainable in Keras ({mine[0].keras_path})"))
-        return
-    if not mine:
-        if g is not None and np.any(g):
-            report.mismatches.append(Mismatch("gradient", name, "PyTorch trains it, Keras cannot: the Keras copy "
-                                              f"{', '.join(m.keras_path for m in held)} is not trainable"))
-        return
-    covered = np.zeros(p.numel(), bool)
-    for m in mine:
-        covered[m.index.ravel()] = True
-    k = _gather(mine, tuple(p.shape), k_grads)
-    t = g if g is not None else np.zeros(tuple(p.shape), np.float32)
-    d = _diff(name, t, k, floor, tol, ", ".join(m.keras_path for m in mine))
-    report.params.append(d)
-    if not covered.all():
-        report.mismatches.append(Mismatch("gradient", name, f"only {int(covered.sum())} of {p.numel()} entries "
-                                          "are held by trainable Keras weights"))
-    elif not d.ok:
-        report.mismatches.append(Mismatch("gradient", name, f"gradient differs: max|diff| {d.max_abs:.3e}, "
-                                          f"error {d.error:.3e} > {tol:g} (Keras {d.keras})"))
-
-
-def _parametrized(model: torch.nn.Module, name: str) -> bool:
-    if ".parametrizations." in f".{name}":
-        return True
-    path, _, tensor = name.rpartition(".")
-    module = dict(model.named_modules()).get(path)
-    return module is not None and any(tensor.startswith(t) for t in parametrized_tensors(module))
-
-
-def _compare_step(report: GradReport, model: torch.nn.Module, keras_model: Any, maps: list[ParamMap],
-                  t_grads: dict, k_grads: dict, lr: float, tol: float) -> None:
-    """One SGD step in each framework; every weight must move the same way."""
-    params = dict(model.named_parameters())
-    trainable = [p for p in params.values() if p.grad is not None]
-    before_t = {k: p.detach().numpy().copy() for k, p in params.items()}
-    torch.optim.SGD(trainable, lr=lr).step()
-    variables = keras_model.trainable_variables
-    before_k = {v.path: keras.ops.convert_to_numpy(v.value).copy() for v in variables}
-    pairs = [(k_grads[v.path], v) for v in variables if k_grads.get(v.path) is not None]
-    keras.optimizers.SGD(learning_rate=lr).apply([g for g, _ in pairs], [v for _, v in pairs])
-    moved_k = {v.path: keras.ops.convert_to_numpy(v.value) - before_k[v.path] for v in variables}
-    floor = FLOOR * lr * max((float(np.max(np.abs(g), initial=0.0)) for g in t_grads.values() if g is not None),
-                            default=0.0)
-    by_torch: dict[str, list[ParamMap]] = {}
-    for m in maps:
-        if m.trainable and m.torch_name in params:
-            by_torch.setdefault(m.torch_name, []).append(m)
-    for name, mine in by_torch.items():
-        moved_t = (params[name].detach().numpy() - before_t[name]).ravel()
-        for m in mine:
-            d = _diff(f"{name} -> {m.keras_path}", moved_t[m.index], moved_k[m.keras_path], floor, tol, m.keras_path)
-            report.steps.append(d)
-            if d.ok:
-                continue
-            if len(mine) > 1:
-                msg = (f"PyTorch shares it between {len(mine)} calls, the Keras model holds {len(mine)} copies "
-                       f"({', '.join(x.keras_path for x in mine)}): each copy moves by its own gradient only")
-            else:
-                msg = f"one SGD step (lr {lr:g}) moves it differently: error {d.error:.3e} > {tol:g}"
-            report.mismatches.append(Mismatch("sgd_step", name, msg))
-
-
-def _compare_bn(report: GradReport, model: torch.nn.Module, result: Any, maps: list[ParamMap],
-                before: dict, tol: float, batch: int) -> None:
-    """Moving statistics after the training forward; the unbiased-variance difference is named."""
-    tensors = dict(model.named_buffers())
-    modules = dict(model.named_modules())
-    variables = {v.path: v for v in result.keras_model.non_trainable_variables}
-    for m in maps:
-        short = m.keras_path.rpartition("/")[2]
-        if short not in ("moving_mean", "moving_variance") or m.torch_name not in tensors or m.keras_path not in variables:
-            continue
-        t_after = tensors[m.torch_name].detach().numpy().ravel()[m.index]
-        k_after = keras.ops.convert_to_numpy(variables[m.keras_path].value)
-        t_before = before[m.torch_name].ravel()[m.index]
-        d = _diff(f"{m.torch_name} -> {m.keras_path}", t_after, k_after, 1.0, tol, m.keras_path)
-        report.bn_stats.append(d)
-        if d.ok:
-            continue
-        bn = modules.get(m.torch_name.rpartition(".")[0])
-        momentum = getattr(bn, "momentum", 0.1)
-        if momentum is None:
-            report.mismatches.append(Mismatch("bn_stats", m.torch_name, "momentum=None (PyTorch's cumulative "
-                                              "average) has no Keras equivalent; Keras uses momentum 0.9"))
-            continue
-        if short == "moving_variance":
-            n = _bn_count(result, m.torch_name.rpartition(".")[0], batch)
-            var_b = (k_after - (1 - momentum) * t_before) / momentum  # the batch variance Keras used
-            predicted = (1 - momentum) * t_before + momentum * var_b * n / max(n - 1, 1)
-            if n and np.max(np.abs(predicted - t_after)) <= tol * max(1.0, float(np.max(np.abs(t_after)))):
-                report.known_differences.append(
-                    f"{m.torch_name}: PyTorch updates running_var with the unbiased batch variance "
-                    f"(x n/(n-1) = {n}/{n - 1} = {n / (n - 1):.5f}, n = {n} values per channel), Keras's "
-                    f"BatchNormalization ({m.keras_path}) with the biased one: after one step they differ by up "
-                    f"to {d.max_abs:.3e}, exactly that factor on the batch-variance term")
-                continue
-        report.mismatches.append(Mismatch("bn_stats", m.torch_name, f"after one training step the moving "
-                                          f"statistic differs by {d.max_abs:.3e} (Keras {m.keras_path})"))
-
-
-def _bn_count(result: Any, module_path: str, batch: int) -> int:
-    """Values per channel in the batch statistics of the BatchNorm at ``module_path``."""
-    for node in ordered(result.graph):
-        if node.kind.startswith("call") and node.module_path == module_path and node.shape and len(node.shape) >= 2:
-            return int(np.prod(node.shape) // node.shape[1] // max(node.shape[0], 1) * batch)
-    return 0
-
+def _noise_floor(ref: _TorchRun, fp32: _TorchRun) -> float:
+    """The largest error of PyTorch fp32's gradients against the reference (same scale as Keras's)."""
+    if ref is fp32:
+        return 0.0
+    floor = FLOOR * max((float(np.max(np.abs(g), initial=0.0)) for g in ref.grads.values() if g is not None),
+                        default=0.0)
+    errors = [diff(k, g, fp32.grads[k], floor, np.inf).error for k, g in ref.grads.items()
+              if g is not None and fp32.grads.get(k) is not None]
+    errors += [diff("input", g, h, 0.0, np.inf).error for g, h in zip(ref.in_grads, fp32.in_grads)
+               if g is not None and h is not None]
+    return max(errors, default=0.0)
