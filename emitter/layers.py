@@ -178,3 +178,17 @@ def reserve_name(name: str) -> None:
     prefix, _, k = name.rpartition("_")
     if k.isdigit() and prefix:
         uids[prefix] = max(uids[prefix], int(k) + 1)
+
+
+def load_needs(keras_model: Any) -> list[str]:
+    """What ``keras.models.load_model(path, safe_mode=True)`` needs for this model besides Keras:
+    the registered names of classes that are not Keras' own (``[]`` for a converted model)."""
+    from keras.saving import serialize_keras_object
+
+    found = set()
+    for operation in keras_model.operations:
+        config = serialize_keras_object(operation)
+        module, registered = str(config.get("module") or ""), config.get("registered_name") or ""
+        if not module.startswith("keras") or ">" in registered:
+            found.add(f"{registered or config.get('class_name')} (from {module})")
+    return sorted(found)

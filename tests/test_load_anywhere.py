@@ -165,6 +165,7 @@ def _convert_and_save(names: list[str], folder: Path) -> dict[str, list[np.ndarr
         with torch.no_grad():
             out = model(x)
         expected[name] = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+        assert result.facts()["load_needs"] == [], name
         config = zipfile.ZipFile(folder / f"{name}.keras").read("config.json").decode()
         assert "tracer>" not in config and '"module": "tracer' not in config, f"{name}: a class of ours in the file"
     (folder / "names.json").write_text(json.dumps(names))

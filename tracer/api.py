@@ -13,6 +13,7 @@ import torch
 
 import tracer.op_rules  # noqa: F401  (registers the rules)
 from tracer.emitter.build import build_model
+from tracer.emitter.layers import load_needs
 from tracer.op_rules.registry import has_module_rule, lookup
 from tracer.capture.fx import capture as capture_graph
 from tracer.errors import InputError, ParityError
@@ -57,6 +58,7 @@ class ConversionResult:
             "transpose_ops": self.transpose_count,
             "layout_conversions": self.transposes,
             "keras_params": int(self.keras_model.count_params()),
+            "load_needs": load_needs(self.keras_model),  # classes besides Keras' own that model.keras needs
             "input_layouts": [list(p.perm) for p in self.input_layouts],
             "output_layouts": [list(p.perm) for p in self.output_layouts],
             "notes": notes,
