@@ -21,6 +21,8 @@ def test_int8_with_90_percent_error_is_judged_poor_and_points_at_calibration():
     assert text.startswith("tflite int8: POOR (90% of range)")
     assert "calibrated on random inputs" in text and "--calib" in text
     assert report.to_dict()["judgement"] == "poor" and report.ok  # judged, not failed
+    lucky = LiteRTReport("int8", _parity(("sample", 0.02, 1.0)), strict=False, calib_trial=None)
+    assert lucky.judgement()[0] == "good" and "judged on random inputs only" in lucky.summary()
 
 
 def test_int8_judged_on_its_calibration_samples():

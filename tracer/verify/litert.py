@@ -139,11 +139,12 @@ class LiteRTReport:
     def advice(self) -> str:
         """What to do about a poor quantized result ("" otherwise)."""
         verdict, rel, on = self.judgement()
+        if self.kind == "int8" and not self.calib_trial:  # judged on noise it was calibrated on: says little
+            return (f"  int8 was calibrated on random inputs (--random-calibration) and judged on random inputs "
+                    f"only ({100 * rel:.2g}% of the output's range): real data has other ranges; pass --calib "
+                    "with real samples to know its accuracy")
         if verdict != "poor":
             return ""
-        if self.kind == "int8" and not self.calib_trial:
-            return (f"  int8 is off by {100 * rel:.0f}% of the output's range: it was calibrated on random inputs "
-                    "(--random-calibration), so its ranges are not your data's; pass --calib with real samples")
         if self.kind == "int8":
             return (f"  int8 is off by {100 * rel:.0f}% of the output's range on {on}: check that --calib holds real "
                     "inputs preprocessed exactly as the model's (PyTorch layout, same scaling and normalization) and "
