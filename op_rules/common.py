@@ -106,6 +106,14 @@ class _Preset:
             setattr(layer, k, self.initializer(k))
         try:
             return layer(x)
+        except ValueError as exc:
+            if "must be fully-defined" not in str(exc):
+                raise
+            raise NotImplementedError(
+                f"the weights of Keras layer {layer.name} would span the batch axis: its input has Keras "
+                f"shape {tuple(x.shape)}, the batch (None) on an axis the weights cover, and a Keras model "
+                f"keeps the batch as a variable axis. Keep the batch on dim 0 through this op (move the "
+                f"transpose or reshape that moves it to after the op)") from exc
         finally:
             for k, v in saved.items():
                 setattr(layer, k, v)

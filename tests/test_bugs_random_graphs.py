@@ -82,3 +82,47 @@ def test_d_layer_norm_of_rows_with_a_large_mean():
         keras_err, torch_err = np.abs(got - y64).max(), np.abs(y32 - y64).max()
         assert keras_err <= 1e-5 * max(1.0, np.abs(y64).max()), (keras_err, torch_err)
         assert keras_err <= 4 * torch_err + 1e-6, (keras_err, torch_err)
+
+
+class FixedView(nn.Module):
+    def forward(self, x):
+        return torch.relu(x.view(2, 12)) * 2
+
+
+class LinearOnBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 5)
+
+    def forward(self, x):
+        return self.fc(x.transpose(0, 1))
+
+
+class BatchNormOnBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        return self.bn(x.transpose(0, 1))
+
+
+def test_e_model_that_runs_only_at_the_sample_batch_is_refused_with_its_line():
+    from tracer.errors import ConversionError
+
+    with pytest.raises(ConversionError) as err:
+        convert_model(FixedView().eval(), torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5)))
+    text = str(err.value)
+    assert "only at the sample's batch size 2" in text and "test_bugs_random_graphs.py" in text, text
+    assert "x.view(2, 12)" in text, text
+
+
+@pytest.mark.parametrize("model", [LinearOnBatch, BatchNormOnBatch])
+def test_e_weights_over_the_batch_axis_are_refused_naming_the_op(model):
+    from tracer.errors import ConversionError
+
+    with pytest.raises(ConversionError) as err:
+        convert_model(model().eval(), torch.randn(2, 3, generator=torch.Generator().manual_seed(6)))
+    text = str(err.value)
+    assert "would span the batch axis" in text and "test_bugs_random_graphs.py" in text, text
+    assert "fully-defined" not in text.split("with rule")[-1].split("NotImplementedError:")[-1], text

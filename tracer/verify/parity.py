@@ -170,6 +170,34 @@ def _tensor_refs(value: Any) -> Any:
     return value if isinstance(value, Ref) else None
 
 
+def _torch_trial(model: torch.nn.Module, inputs: Sequence[np.ndarray], label: str,
+                 sample: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """PyTorch's outputs for one trial; a model that PyTorch runs only at the sample's batch size
+    (``x.view(2, -1)``, a parameter the size of the batch) is refused in one error naming the line."""
+    try:
+        return run_torch(model, inputs)
+    except Exception as exc:  # noqa: BLE001  (any error of the user's forward)
+        if not sample:
+            raise
+        b, n = (x.shape[0] if getattr(x, "ndim", 0) else None for x in (sample[0], inputs[0]))
+        if b == n:
+            raise
+        raise ConversionError(
+            f"the model runs in PyTorch only at the sample's batch size {b}: at batch {n} (the {label} input) "
+            f"PyTorch fails{_user_frame(exc)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
+            f"The converted Keras model has a variable batch axis; make the forward batch-independent "
+            f"(x.reshape(x.size(0), -1) instead of a fixed size)") from exc
+
+
+def _user_frame(exc: BaseException) -> str:
+    """" at FILE:LINE (code)" for the innermost frame outside torch and tracer, or ""."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/tracer/" not in f.filename and "site-packages" not in f.filename]
+    return f" at {frames[-1].filename}:{frames[-1].lineno} ({(frames[-1].line or '').strip()})" if frames else ""
+
+
 def run_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     with torch.no_grad():
         out = model(*[torch.from_numpy(np.array(x)) for x in inputs])  # a copy: forward may modify it in place
@@ -231,7 +259,7 @@ def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.n
     trials += [(f"user{k}", list(x)) for k, x in enumerate(extra)]
     report = ParityReport(tolerance=tol, output_names=graph_output_names(graph))
     for label, inputs in trials:
-        expected = run_torch(model, inputs)
+        expected = _torch_trial(model, inputs, label, sample)
         try:
             got = run_keras(keras_model, inputs, in_layouts, out_layouts)
         except Exception as exc:  # noqa: BLE001  (TensorFlow's InvalidArgumentError and the like)
