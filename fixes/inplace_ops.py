@@ -34,6 +34,8 @@ def is_inplace(node: OpNode) -> bool:
         return bool(getattr(node.module, "inplace", False))
     if node.kw.get("inplace") is True:
         return True
+    if getattr(node.target, "__module__", "") in ("_operator", "operator"):
+        return False  # operator.and_ / or_ (``a & b``, ``a | b``) are not in-place despite the name
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.startswith("_") and _first_ref(node) is not None
 

@@ -52,15 +52,21 @@ def _mask(node: OpNode, ctx: Emit, ref: Any, allowed_if_true: bool, shape: tuple
 
 
 def attend(node: OpNode, ctx: Emit, q: Any, k: Any, v: Any, factor: float, masks: list,
-           subs: tuple[str, ...] = ("...le", "...se", "...sf", "...ls", "...lf")) -> tuple[Any, Any]:
+           subs: tuple[str, ...] = ("...le", "...se", "...sf", "...ls", "...lf"),
+           zero_masked_rows: bool = False) -> tuple[Any, Any]:
     """``(softmax(q @ k^T * factor + sum(masks)) @ v, the softmax)`` as two einsums; ``subs``:
-    the subscripts of q, k, v, the scores (the masks' order) and the output."""
+    the subscripts of q, k, v, the scores (the masks' order) and the output.
+    ``zero_masked_rows``: a query whose keys are all masked (-inf) gets weights 0, not NaN, as
+    F.scaled_dot_product_attention gives since torch 2.5 (left-padded GPT-2 batches have such rows)."""
     qs, ks, vs, ss, os = subs
     s = keras.ops.einsum(f"{qs},{ks}->{ss}", q, k)
     s = scale(s, factor, ctx.name(node, "scale"))
     for m in masks:
         s = safe_add(s, m)
     weights = keras.ops.softmax(s, axis=-1)
+    if zero_masked_rows and masks:
+        seen = keras.ops.any(keras.ops.greater(s, float("-inf")), axis=-1, keepdims=True)
+        weights = keras.ops.where(seen, weights, keras.ops.zeros_like(weights))
     return keras.ops.einsum(f"{ss},{vs}->{os}", weights, v), weights
 
 
@@ -108,7 +114,7 @@ def scaled_dot_product_attention(node: OpNode, ctx: Emit) -> Any:
     if isinstance(mask, Ref):
         mshape = ctx.graph.nodes[mask.name]["op"].shape
         masks.append(_mask(node, ctx, mask, True, (1,) * (node.rank - len(mshape)) + tuple(mshape), "mask"))
-    return attend(node, ctx, q, k, v, factor, masks, _sdpa_subscripts(node))[0]
+    return attend(node, ctx, q, k, v, factor, masks, _sdpa_subscripts(node), zero_masked_rows=True)[0]
 
 
 # ---- nn.MultiheadAttention -------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tracer.emitter import layers as L
 from tracer.emitter.context import Emit, to_numpy
 from tracer.op_rules.common import call_with_weights, ntuple, pad_spatial, param
+from tracer.op_rules.indexing import outer_index
 from tracer.op_rules.registry import Layout, rule
 from tracer.ir import OpNode, Phys, Ref, ordered
 
@@ -315,7 +316,7 @@ def advanced_getitem(node: OpNode, ctx: Emit, x: Any, index: tuple) -> Any:
     rank = len(node.in_layouts[0].perm)
     dim = _advanced_dim(index, rank)
     if dim is None:
-        raise NotImplementedError(f"advanced indexing {index!r}: only one index tensor with full slices elsewhere")
+        return outer_index(node, ctx, x, index)  # several index tensors (op_rules/indexing.py)
     src = ctx.graph.nodes[index[[k for k, i in enumerate(index) if isinstance(i, Ref)][0]].name]["op"]
     if not src.is_constant:
         raise NotImplementedError("indexing with a computed index tensor; use torch.gather or index_select")

@@ -228,16 +228,58 @@ def compare(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], tol: floa
     return tuple(diffs)
 
 
-def random_like(shapes: Sequence[tuple], dtypes: Sequence[str], seed: int, batch: int | None = None) -> list[np.ndarray]:
+def random_like(shapes: Sequence[tuple], dtypes: Sequence[str], seed: int, batch: int | None = None,
+                int_ranges: Sequence[tuple[int, int] | None] = ()) -> list[np.ndarray]:
+    """Standard normal floats; bools and integers in ``int_ranges[i]`` = [low, high) (default 0/1)."""
     rng = np.random.default_rng(seed)
     out = []
-    for shape, dt in zip(shapes, dtypes):
+    for i, (shape, dt) in enumerate(zip(shapes, dtypes)):
         shape = (batch, *shape[1:]) if batch is not None and len(shape) else tuple(shape)
-        if dt.startswith("int") or dt == "bool":
-            out.append(rng.integers(0, 2, size=shape).astype(dt))
+        if dt.startswith("int") or dt.startswith("uint") or dt == "bool":
+            low, high = (int_ranges[i] if i < len(int_ranges) and int_ranges[i] and dt != "bool" else (0, 2))
+            out.append(rng.integers(low, high, size=shape).astype(dt))
         else:
             out.append(rng.standard_normal(shape).astype(np.float32))
     return out
+
+
+def int_ranges(sample: Sequence[np.ndarray], graph: Any = None) -> list[tuple[int, int] | None]:
+    """[low, high) for random integer inputs: the sample's range, widened to hold 0 and 1 (so a mask
+    of ones also gets zeros); for an input read directly as embedding indices, [0, num_embeddings)."""
+    bounds = _index_bounds(graph) if graph is not None else {}
+    out: list[tuple[int, int] | None] = []
+    for i, x in enumerate(sample):
+        if not np.issubdtype(x.dtype, np.integer) or x.size == 0:
+            out.append(None)
+        elif i in bounds:
+            out.append((0, bounds[i]))
+        else:
+            out.append((min(0, int(x.min())), max(2, int(x.max()) + 1)))
+    return out
+
+
+def _index_bounds(graph: Any) -> dict[int, int]:
+    """Input position -> number of rows of the embedding table it indexes directly."""
+    names = [n.name for n in ordered(graph) if n.kind == "placeholder"]
+    found: dict[int, int] = {}
+    for i, name in enumerate(names):
+        for user in graph.successors(name):
+            u = graph.nodes[user]["op"]
+            rows = _embedding_rows(graph, u, name)
+            if rows is not None:
+                found[i] = min(rows, found.get(i, rows))
+    return found
+
+
+def _embedding_rows(graph: Any, u: Any, name: str) -> int | None:
+    if isinstance(u.module, torch.nn.Embedding) and u.inputs[:1] == (name,):
+        return int(u.module.num_embeddings)
+    if u.target in (torch.nn.functional.embedding, torch.ops.aten.embedding.default):
+        w, ids = u.kw.get("weight"), u.kw.get("input", u.kw.get("indices"))
+        src = graph.nodes[w.name]["op"] if hasattr(w, "name") and w.name in graph.nodes else None
+        if getattr(ids, "name", None) == name and src is not None and src.shape:
+            return int(src.shape[0])
+    return None
 
 
 def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.ndarray], in_layouts: Sequence[Phys],
@@ -253,9 +295,11 @@ def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.n
     shapes = [tuple(x.shape) for x in sample]
     dtypes = [str(x.dtype) for x in sample]
     trials: list[tuple[str, list[np.ndarray]]] = [("sample", list(sample))]
+    ranges = int_ranges(sample, graph)
     for k in range(n_random):
         batch = (shapes[0][0] % 3) + 2 if k == n_random - 1 and shapes[0] else None
-        trials.append((f"random{k}" + (f" (batch {batch})" if batch else ""), random_like(shapes, dtypes, seed + k, batch)))
+        trials.append((f"random{k}" + (f" (batch {batch})" if batch else ""),
+                       random_like(shapes, dtypes, seed + k, batch, ranges)))
     trials += [(f"user{k}", list(x)) for k, x in enumerate(extra)]
     report = ParityReport(tolerance=tol, output_names=graph_output_names(graph))
     for label, inputs in trials:
