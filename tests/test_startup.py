@@ -86,6 +86,30 @@ def test_verify_bad_input_answers_before_torch_and_tensorflow(argv, message, tmp
     assert not facts["torch"] and not facts["tensorflow"]
 
 
+@pytest.mark.parametrize("target, extra, message", [
+    ("Nope", [], "has no 'Nope'"),
+    ("Net", ["--init-args", '{"depth": 3}'], "failed: TypeError"),
+    ("Conv", ["--input-shape", "1,4,8,8"], "fails on input shape (1, 4, 8, 8)"),
+    ("Conv", ["--weights", "{other}"], "missing keys: conv.weight, conv.bias"),
+])
+def test_model_errors_answer_before_tensorflow(target, extra, message, tmp_path):
+    """Errors that need the model (its name, constructor, shapes, weights) need torch, not TensorFlow."""
+    model = tmp_path / "m.py"
+    model.write_text("import torch\nclass Net(torch.nn.Module):\n    def forward(self, x):\n        return x\n"
+                     "class Conv(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                     "        self.conv = torch.nn.Conv2d(3, 2, 1)\n    def forward(self, x):\n"
+                     "        return self.conv(x)\n")
+    other = tmp_path / "other.pt"
+    import torch
+    torch.save({"fc.weight": torch.zeros(2, 2)}, other)
+    extra = [str(other) if e == "{other}" else e for e in extra]
+    shape = [] if "--input-shape" in extra else ["--input-shape", "1,3,8,8"]
+    argv = ["convert", f"{model}:{target}", *shape, "-o", str(tmp_path / "out"), *extra]
+    facts, err = _probe(_cli(argv), tmp_path)
+    assert facts["rc"] == 2 and message in err, err
+    assert not facts["tensorflow"] and not facts["keras"]
+
+
 def test_ctrl_c_while_tensorflow_loads_is_one_line_exit_130(files, tmp_path):
     """SIGINT during start-up (importing torch and TensorFlow): one line, exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "convert", files["model"], "--input-shape", "1,3",

@@ -247,17 +247,16 @@ def check_convert_args(args: argparse.Namespace) -> tuple[list[list[int]], list[
 def _convert(args: argparse.Namespace, track: Progress) -> int:
     shapes, dtypes = check_convert_args(args)
     with track.stage("start-up", "importing torch and TensorFlow, building the model"):
-        from tracer.backends import import_quietly
-        import_quietly()
-        from tracer.api import convert_model
-        from tracer.emitter.save import save_outputs
-
-        model = load_model(args.target, args.init_args)
-        if args.weights:
+        model = load_model(args.target, args.init_args)  # torch only: a model that does not build or fit
+        if args.weights:                                 # is refused before TensorFlow loads
             load_weights(model, args.weights)
         sample = make_sample(shapes, dtypes, args.inputs)
         check_runs(model, sample, shapes)
         extra = [load_inputs(f, len(shapes)) for f in args.inputs]
+        from tracer.backends import import_quietly
+        import_quietly()
+        from tracer.api import convert_model
+        from tracer.emitter.save import save_outputs
     result = convert_model(model, sample, channels_last_io=args.channels_last_io, fold_bn=args.fold_bn,
                            n_random=args.random_inputs,
                            extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=track, capture=args.capture,
