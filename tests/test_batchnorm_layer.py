@@ -57,6 +57,7 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 @pytest.mark.parametrize("channels_last_io", [False, True], ids=["nchw_io", "nhwc_io"])
 def test_conv_bn_relu_parity_and_fused_kernel(affine, channels_last_io):
+    torch.manual_seed(0)
     result = assert_converts(randomize_bn(ConvBnRelu(affine=affine)), torch.randn(2, C_IN, 9, 9),
                              channels_last_io=channels_last_io)
     (layer,) = [lay for lay in result.keras_model.layers if isinstance(lay, keras.layers.BatchNormalization)]
@@ -67,6 +68,7 @@ def test_conv_bn_relu_parity_and_fused_kernel(affine, channels_last_io):
 
 
 def test_rank3_batchnorm1d_keeps_keras_path_and_parity():
+    torch.manual_seed(0)
     result = assert_converts(randomize_bn(ConvBnRelu(n=1)), torch.randn(2, C_IN, 11))
     assert "FusedBatchNormV3" not in graph_ops(result.keras_model)
 
@@ -77,6 +79,7 @@ def saved_layers(path) -> list[dict]:
 
 def test_keras_file_is_keras_own_batchnorm(tmp_path):
     """Saved with Keras' own name and config (no ``fused``); loaded, the plain Keras layer computes the same."""
+    torch.manual_seed(0)
     model = randomize_bn(ConvBnRelu())
     x = torch.randn(2, C_IN, 9, 9)
     result = assert_converts(model, x)
@@ -232,6 +235,7 @@ class DepthwiseThenBn(nn.Module):
 @pytest.mark.parametrize("hw, fused", [(6, 0), (64, 2)], ids=["small_map_unfused", "large_map_fused"])
 def test_unfusable_batchnorm_is_fused_only_on_large_maps(hw, fused):
     """8 x 6 x 6 maps: Keras' arithmetic is faster; 8 x 64 x 64 (>= 32768 elements): the fused kernel."""
+    torch.manual_seed(0)
     result = assert_converts(randomize_bn(DepthwiseThenBn(8)), torch.randn(1, 8, hw, hw))
     layers = [lay for lay in result.keras_model.layers if isinstance(lay, BatchNormalization)]
     assert [lay.fused for lay in layers] == [bool(fused)] * 2
@@ -240,6 +244,7 @@ def test_unfusable_batchnorm_is_fused_only_on_large_maps(hw, fused):
 
 def test_unfused_layer_saves_as_keras_batchnorm(tmp_path):
     """``fused`` belongs to the model in memory: the file holds Keras' layer either way."""
+    torch.manual_seed(0)
     result = assert_converts(randomize_bn(DepthwiseThenBn(4)), torch.randn(1, 4, 5, 5))
     path = tmp_path / "m.keras"
     result.keras_model.save(path)

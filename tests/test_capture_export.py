@@ -77,6 +77,7 @@ class TorchAssert(nn.Module):
     (DictOverInputs, ((2, 5), (2, 5)), "for i, x in enumerate(xs)"),
 ], ids=["shape-assert", "shape-branch", "loop-over-shape", "dict-over-varargs"])
 def test_fx_failure_falls_back_to_export_with_parity(model, inputs, code):
+    torch.manual_seed(0)
     result = assert_converts(randomize_bn(model()), *[torch.randn(s) for s in inputs])
     how = result.facts()["capture"]
     assert how["method"] == "torch.export"
@@ -86,11 +87,13 @@ def test_fx_failure_falls_back_to_export_with_parity(model, inputs, code):
 
 
 def test_fx_is_used_when_it_can_trace():
+    torch.manual_seed(0)
     result = assert_converts(TorchAssert(), torch.randn(2, 3, 8, 8))  # fx traces torch._assert
     assert result.facts()["capture"] == {"method": "fx", "reason": "torch.fx traced the model"}
 
 
 def test_progress_says_which_capture_and_why():
+    torch.manual_seed(0)
     said: list[str] = []
     convert_model(ShapeBranch(), torch.randn(2, 3, 16, 16), n_random=1, progress=said.append)
     assert said[0] == "capturing with torch.fx"
@@ -98,6 +101,7 @@ def test_progress_says_which_capture_and_why():
 
 
 def test_capture_option_is_checked_and_fx_only_raises():
+    torch.manual_seed(0)
     with pytest.raises(InputError, match="Received: capture='jit'"):
         convert_model(SmallCNN(), torch.randn(1, 3, 8, 8), capture="jit")
     with pytest.raises(CaptureError, match="torch.fx could not trace ShapeAssert"):
@@ -105,6 +109,7 @@ def test_capture_option_is_checked_and_fx_only_raises():
 
 
 def test_value_dependent_control_flow_fails_in_both_with_the_line():
+    torch.manual_seed(0)
     class DataDependent(nn.Module):
         def forward(self, x):
             if x.sum() > 0:
@@ -119,6 +124,7 @@ def test_value_dependent_control_flow_fails_in_both_with_the_line():
 
 
 def test_forced_export_small_cnn_parity_and_ir():
+    torch.manual_seed(0)
     model = randomize_bn(SmallCNN())
     result = assert_converts_export(model, torch.randn(2, 3, 8, 8))
     assert result.facts()["capture"]["method"] == "torch.export"
@@ -173,6 +179,7 @@ class ManyOps(nn.Module):
 
 @pytest.mark.parametrize("core_aten", [False, True], ids=["as-exported", "core-aten"])
 def test_aten_rules_match_torch(core_aten):
+    torch.manual_seed(0)
     model = randomize_bn(ManyOps(core=core_aten)).eval()
     x = torch.randn(2, 3, 16, 16)
     graph = capture_export(model, (x,), reason="test", core_aten=core_aten)
@@ -191,6 +198,7 @@ def test_aten_rules_match_torch(core_aten):
 
 
 def test_inplace_ops_are_functionalized_and_unsupported_ops_decomposed():
+    torch.manual_seed(0)
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()

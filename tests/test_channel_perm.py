@@ -42,6 +42,7 @@ def _net(*blocks: nn.Module) -> nn.Module:
 
 
 def test_shuffles_feeding_convs_move_no_data():
+    torch.manual_seed(0)
     model = _net(ShuffleBlock(8, 2, expand=True), ShuffleBlock(8, 4, expand=False), ShuffleBlock(8, 2, False, 1))
     x = torch.randn(2, 3, 6, 6)
     folded = assert_converts(model, x, fold_bn=True, channels_last_io=True)
@@ -53,6 +54,7 @@ def test_shuffles_feeding_convs_move_no_data():
 
 
 def test_absorbed_grouped_conv_becomes_dense_with_zeros_outside_the_groups():
+    torch.manual_seed(0)
     model = _net(ShuffleBlock(8, 2, expand=False))
     result = assert_converts(model, torch.randn(1, 3, 5, 5), fold_bn=True)
     convs = [layer for layer in result.keras_model.layers if type(layer).__name__ == "Conv2D"]
@@ -86,6 +88,7 @@ class SpaceToChannel(nn.Module):
 
 
 def test_other_permutations_are_left_alone():
+    torch.manual_seed(0)
     for model in (NotPerChannel(), SpaceToChannel()):
         result = assert_converts(model.eval(), torch.randn(2, 8, 4, 4), fold_bn=True)
         assert "channel permutation" not in " ".join(result.facts()["notes"]), type(model).__name__

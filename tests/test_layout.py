@@ -148,6 +148,7 @@ def test_transpose_count(cls, shapes, n_torch, n_cl, channels_last_io):
 
 
 def test_transpose_reasons_name_the_consumer():
+    torch.manual_seed(0)
     result = assert_converts(InputResidual().eval(), torch.randn(1, 3, 8, 8))
     first, last = result.transposes
     assert first.startswith("x: ") and "(c)" in first and "(0, 2, 3, 1)" in first

@@ -50,6 +50,7 @@ def _bn_model() -> nn.Module:
 
 
 def test_fold_bn_keeps_parity_and_removes_every_batchnorm():
+    torch.manual_seed(0)
     model = _bn_model()
     x = torch.randn(2, 3, 9, 9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -66,12 +67,14 @@ def test_fold_bn_keeps_parity_and_removes_every_batchnorm():
 
 
 def test_default_conversion_keeps_batchnorm_trainable():
+    torch.manual_seed(0)
     result = assert_converts(_bn_model(), torch.randn(1, 3, 9, 9))
     bns = [layer for layer in result.keras_model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(bns) == 4 and all(layer.trainable for layer in bns)
 
 
 def test_fold_bn_skips_a_conv_with_other_users():
+    torch.manual_seed(0)
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
@@ -116,12 +119,14 @@ class WithNoOps(nn.Module):
 
 
 def test_identity_and_noop_removal():
+    torch.manual_seed(0)
     result = assert_converts(WithNoOps().eval(), torch.randn(1, 3, 8, 8))
     assert _call_nodes(result) == ["c"]
     assert [t for t in _layer_types(result) if t != "InputLayer"] == ["Conv2D"]
 
 
 def test_noop_that_changes_dtype_is_kept():
+    torch.manual_seed(0)
     class Promote(nn.Module):
         def forward(self, x):
             return (x > 0).sum(1) * 1 + (x > 0).sum(1) * 1.0  # int * 1 is a no-op, int * 1.0 a cast
@@ -133,6 +138,7 @@ def test_noop_that_changes_dtype_is_kept():
 
 
 def test_floor_division_by_one_is_kept():
+    torch.manual_seed(0)
     class Floor(nn.Module):
         def forward(self, x):
             return torch.div(x, 1, rounding_mode="floor") + torch.div(x, 1)
@@ -142,6 +148,7 @@ def test_floor_division_by_one_is_kept():
 
 
 def test_shape_arithmetic_is_folded_at_capture():
+    torch.manual_seed(0)
     class Shapes(nn.Module):
         def __init__(self):
             super().__init__()
@@ -162,6 +169,7 @@ def test_shape_arithmetic_is_folded_at_capture():
     (nn.ReLU(), "relu"), (nn.ReLU6(), "relu6"), (nn.Sigmoid(), "sigmoid"), (nn.Tanh(), "tanh"),
     (nn.SiLU(), "silu"), (nn.GELU(), "gelu")])
 def test_activation_fused_into_conv_and_dense(act, keras_name):
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), act, nn.Flatten(), nn.Linear(4 * 6 * 6, 5), act).eval()
     result = assert_converts(model, torch.randn(2, 3, 8, 8))
     conv, dense = (layer for layer in result.keras_model.layers if type(layer).__name__ in ("Conv2D", "Dense"))
@@ -170,6 +178,7 @@ def test_activation_fused_into_conv_and_dense(act, keras_name):
 
 
 def test_activation_not_fused_when_conv_output_has_other_users_or_is_approximate():
+    torch.manual_seed(0)
     class TwoUsers(nn.Module):
         def __init__(self):
             super().__init__()
@@ -187,6 +196,7 @@ def test_activation_not_fused_when_conv_output_has_other_users_or_is_approximate
 
 def test_deep_chain_builds():
     """Keras builds the functional node map recursively (fixes/deep_graphs.py): 1100 chained ops."""
+    torch.manual_seed(0)
     model = nn.Sequential(*[nn.Tanh() if k % 2 else nn.ReLU() for k in range(1100)]).eval()
     result = assert_converts(model, torch.randn(2, 5), n_random=1)
     assert len(_call_nodes(result)) == 1100

@@ -38,6 +38,7 @@ def _rep(model: nn.Module) -> nn.Module:
 
 
 def test_repvgg_block_becomes_one_conv_with_parity():
+    torch.manual_seed(0)
     model = _rep(nn.Sequential(RepBlock(8), RepBlock(8, identity="plain"), RepBlock(8, identity=None, stride=2)))
     result = assert_converts(model, torch.randn(1, 8, 12, 12), fold_bn=True)
     kinds = _kinds(result)
@@ -47,6 +48,7 @@ def test_repvgg_block_becomes_one_conv_with_parity():
 
 
 def test_grouped_branches_keep_groups_and_identity_lands_in_its_group():
+    torch.manual_seed(0)
     model = _rep(nn.Sequential(RepBlock(8, groups=4), RepBlock(8, groups=2, identity="plain")))
     result = assert_converts(model, torch.randn(2, 8, 9, 9), fold_bn=True)
     convs = [layer for layer in result.keras_model.layers if type(layer).__name__ == "Conv2D"]
@@ -67,6 +69,7 @@ class RepDW(nn.Module):
 
 
 def test_depthwise_mixer_then_bn_becomes_one_depthwise_conv():
+    torch.manual_seed(0)
     result = assert_converts(_rep(RepDW(6)), torch.randn(1, 6, 7, 5), fold_bn=True)
     kinds = _kinds(result)
     assert kinds["DepthwiseConv2D"] == 1 and kinds["BatchNormalization"] == 0 and kinds["Add"] == 0, kinds
@@ -84,6 +87,7 @@ class TwoConvs(nn.Module):
 
 
 def test_5x5_and_3x3_merge_to_5x5_and_conv1d_works():
+    torch.manual_seed(0)
     model = _rep(TwoConvs(ConvBN(4, 6, 5), ConvBN(4, 6, 3)))
     result = assert_converts(model, torch.randn(1, 4, 10, 10), fold_bn=True)
     (conv,) = [layer for layer in result.keras_model.layers if type(layer).__name__ == "Conv2D"]
@@ -94,6 +98,7 @@ def test_5x5_and_3x3_merge_to_5x5_and_conv1d_works():
 
 
 def test_branches_that_cannot_share_a_kernel_stay_apart():
+    torch.manual_seed(0)
     cases = {
         "dilation differs": TwoConvs(ConvBN(4, 4, 3), ConvBN(4, 4, 3, dilation=2)),
         "even kernel": TwoConvs(ConvBN(4, 4, 2, pad=0), ConvBN(4, 4, 2, pad=0)),
@@ -107,12 +112,14 @@ def test_branches_that_cannot_share_a_kernel_stay_apart():
 
 def test_branches_padded_past_their_centre_merge_with_that_offset():
     """3x3 pad 2 and 1x1 pad 1 both grow the map by one pixel a side: one 3x3 conv with pad 2."""
+    torch.manual_seed(0)
     result = assert_converts(_rep(TwoConvs(ConvBN(4, 4, 3, pad=2), ConvBN(4, 4, 1, pad=1))),
                              torch.randn(1, 4, 8, 8), fold_bn=True)
     assert _kinds(result)["Conv2D"] == 1
 
 
 def test_default_conversion_keeps_every_branch_trainable():
+    torch.manual_seed(0)
     model = _rep(RepBlock(8))
     kinds = _kinds(assert_converts(model, torch.randn(1, 8, 6, 6)))
     assert kinds["Conv2D"] == 2 and kinds["BatchNormalization"] == 3, kinds

@@ -145,11 +145,13 @@ def test_int8_io_quantized_tensors_and_reported_diffs():
 # --- calibration rules ---------------------------------------------------------------------------
 
 def test_int8_without_calibration_is_refused_before_converting():
+    torch.manual_seed(0)
     with pytest.raises(CalibrationError, match="needs calibration data"):
         convert_model(_small_cnn(), torch.randn(1, 3, 8, 8), tflite=("int8",))
 
 
 def test_export_int8_without_calibration_raises_and_random_warns():
+    torch.manual_seed(0)
     result = convert_model(_small_cnn(), torch.randn(1, 3, 8, 8), n_random=1)
     with pytest.raises(CalibrationError, match="random_calibration=True"):
         export_tflite(result.keras_model, "int8")
@@ -159,6 +161,7 @@ def test_export_int8_without_calibration_raises_and_random_warns():
 
 
 def test_bad_options_are_input_errors():
+    torch.manual_seed(0)
     result = convert_model(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4), n_random=1)
     with pytest.raises(InputError, match="unknown TFLite kind"):
         export_tflite(result.keras_model, "int4")
@@ -202,6 +205,7 @@ def test_calibration_from_image_folder(tmp_path):
 # --- export fixes: each test fails without its fix -----------------------------------------------
 
 def test_erf_fix_builtin_only_and_keras_model_untouched():
+    torch.manual_seed(0)
     model = Fn(lambda x: torch.erf(3 * x)).eval()
     result = convert_model(model, torch.randn(1, 3, 5, 5), n_random=1)
     keras_before = run_keras(result.keras_model, [np.linspace(-5, 5, 75, dtype=np.float32).reshape(1, 3, 5, 5)],
@@ -225,6 +229,7 @@ def test_erf_fix_builtin_only_and_keras_model_untouched():
 def test_bilinear_export_multiplies_w_from_the_left():
     """The W axis of an NHWC map is second-to-last: the fix exports it as one BATCH_MATMUL, never
     with more TRANSPOSE ops than the converter's einsum lowering; H stays an einsum."""
+    torch.manual_seed(0)
     model = nn.Upsample(scale_factor=2, mode="bilinear").eval()
     result = convert_model(model, torch.randn(1, 3, 5, 5), n_random=1)
     plain = op_counts(export_tflite(result.keras_model, "fp32", fixes=()))
@@ -248,6 +253,7 @@ def _check_fp32(model, result, data, shape):
 
 @pytest.mark.parametrize("dilation", [2, (1, 2)])
 def test_dilated_conv_transpose_fix(dilation):
+    torch.manual_seed(0)
     model = nn.ConvTranspose2d(3, 4, 3, dilation=dilation, padding=1).eval()
     result = convert_model(model, torch.randn(1, 3, 5, 5), n_random=1)
     with pytest.raises(TFLiteExportError, match="Conv2DBackpropInput"):
@@ -256,6 +262,7 @@ def test_dilated_conv_transpose_fix(dilation):
 
 
 def test_conv3d_fix_grouped_and_dilated():
+    torch.manual_seed(0)
     grouped = nn.Conv3d(4, 6, 3, padding=1, groups=2).eval()
     result = convert_model(grouped, torch.randn(1, 4, 4, 5, 5), n_random=1)
     broken = export_tflite(result.keras_model, "fp32", fixes=_without(conv3d_for_litert))
@@ -284,6 +291,7 @@ def test_high_rank_pad_fix_is_bit_exact():
 
 
 def test_fixes_leave_models_without_those_ops_alone():
+    torch.manual_seed(0)
     result = convert_model(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4), n_random=1)
     exported, applied = with_export_fixes(result.keras_model, (erf_builtin, axis_linear_map_matmul))
     assert exported is result.keras_model and applied == []
@@ -292,6 +300,7 @@ def test_fixes_leave_models_without_those_ops_alone():
 # --- files: API, atomic save, CLI ------------------------------------------------------------------
 
 def test_save_outputs_writes_extra_files(tmp_path):
+    torch.manual_seed(0)
     result = convert_model(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4), n_random=1, tflite=("fp32",))
     out = tmp_path / "out"
     save_outputs(result.keras_model, out, {"x": 1}, saved_model=False,

@@ -176,6 +176,7 @@ def test_broken_rule_is_localized_to_its_node_and_line(case):
 
 
 def test_fp32_tflite_is_compared_node_by_node():
+    torch.manual_seed(0)
     model = _bugnet()
     sample = torch.randn(2, 3, 8, 8)
     good = deep_verify(model, convert_model(model, sample, tflite=["fp32"], n_random=1), n_inputs=1, gradients=False)
@@ -200,6 +201,7 @@ def test_keras_only_nan_is_reported_with_its_cause():
 
 
 def test_nan_in_pytorch_too_is_a_warning_not_a_failure():
+    torch.manual_seed(0)
     class LogNet(nn.Module):
         def forward(self, x):
             return torch.log(x) * 2.0
@@ -323,6 +325,7 @@ def test_cli_verify_exit_code_when_the_model_no_longer_converts(model_file: Path
 
 
 def test_graph_that_differs_from_the_model_is_reported():
+    torch.manual_seed(0)
     class Frozen(nn.Module):
         def forward(self, x):
             return x * float(x.shape[0])  # the batch size is frozen into the captured graph

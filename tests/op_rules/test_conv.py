@@ -101,6 +101,7 @@ def test_conv2d_padding_mode_strided_grouped(mode):
 
 def test_conv2d_stride2_uses_explicit_padding():
     """The seed issue: TF 'same' pads asymmetrically after a stride; the rule must pad explicitly."""
+    torch.manual_seed(0)
     result = assert_converts(conv(2, padding=1, stride=2), torch.randn(1, IN_CH, 10, 12))
     names = layer_names(result)
     assert names.count("ZeroPadding2D") == 1

@@ -45,6 +45,7 @@ def _kinds(result) -> list[str]:
 
 
 def test_mixer_token_mlp_moves_no_data():
+    torch.manual_seed(0)
     model = nn.Sequential(MixerBlock(12, 8), MixerBlock(12, 8)).eval()
     result = assert_converts(model, torch.randn(2, 12, 8))
     assert result.transpose_count == 0, result.facts()["layout_conversions"]
@@ -53,6 +54,7 @@ def test_mixer_token_mlp_moves_no_data():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gmlp_spatial_gating_moves_no_data(bias):
+    torch.manual_seed(0)
     result = assert_converts(SpatialGating(10, 12, bias).eval(), torch.randn(3, 10, 12))
     assert result.transpose_count == 0, result.facts()["layout_conversions"]
     assert "EinsumDense" in _kinds(result)
@@ -60,6 +62,7 @@ def test_gmlp_spatial_gating_moves_no_data(bias):
 
 def test_token_linear_on_a_4d_tensor():
     """A Linear over the second-to-last physical axis of a rank-4 tensor (heads x tokens x dim)."""
+    torch.manual_seed(0)
     class HeadTokens(nn.Module):
         def __init__(self):
             super().__init__()
@@ -72,6 +75,7 @@ def test_token_linear_on_a_4d_tensor():
 
 
 def test_axis_dense_saves_and_loads_in_safe_mode(tmp_path):
+    torch.manual_seed(0)
     model = MixerBlock(6, 4).eval()
     x = torch.randn(1, 6, 4)
     result = assert_converts(model, x)
@@ -82,6 +86,7 @@ def test_axis_dense_saves_and_loads_in_safe_mode(tmp_path):
 
 
 def test_axis_dense_trains_like_the_torch_linear():
+    torch.manual_seed(0)
     model = MixerBlock(6, 4).eval()
     result = assert_converts(model, torch.randn(2, 6, 4))
     report = check_gradients(model, result, [np.zeros((2, 6, 4), np.float32)], batch=4)
@@ -91,6 +96,7 @@ def test_axis_dense_trains_like_the_torch_linear():
 
 
 def test_axis_dense_exports_to_litert_without_transposes():
+    torch.manual_seed(0)
     from tests.test_tflite import tflite_parity
     result = tflite_parity(MixerBlock(12, 8).eval(), torch.randn(2, 12, 8))
     ops = result.tflite_reports["fp32"].ops
