@@ -8,11 +8,12 @@ with tracer layers needs.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 
 def register_layers() -> None:
@@ -21,24 +22,34 @@ def register_layers() -> None:
     import tracer.emitter.layers  # noqa: F401
 
 
-def import_quietly() -> None:
-    """Import Keras (and TensorFlow) with fd 2 silenced: TF prints C++ INFO lines before absl
-    logging is set up, which no environment variable turns off. TRACER_TF_LOGS=1 shows them."""
-    if "tensorflow" in sys.modules or os.environ.get("TRACER_TF_LOGS"):
-        register_layers()
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """fd 2 silenced while TensorFlow loads: it prints C++ INFO lines before absl logging is set
+    up, which no environment variable turns off. TRACER_TF_LOGS=1 shows them."""
+    if os.environ.get("TRACER_TF_LOGS"):
+        yield
         return
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        register_layers()
-        import tensorflow as tf
-
-        tf.zeros(())  # starts the eager context (and its CUDA probe) now, so "cuInit failed" stays silent
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(devnull)
         os.close(saved)
+
+
+def import_quietly() -> None:
+    """Import Keras and TensorFlow (start the eager context too) quietly, and register our layers."""
+    if "tensorflow" in sys.modules:
+        register_layers()
+        return
+    with quiet_stderr():
+        register_layers()
+        import tensorflow as tf
+
+        tf.zeros(())  # starts the eager context (and its CUDA probe) now, so "cuInit failed" stays silent
 
 
 class _AfterKerasImport(importlib.abc.MetaPathFinder):
@@ -54,8 +65,9 @@ class _AfterKerasImport(importlib.abc.MetaPathFinder):
         exec_keras = spec.loader.exec_module
 
         def exec_module(module: Any) -> None:
-            exec_keras(module)
-            register_layers()
+            with quiet_stderr():
+                exec_keras(module)
+                register_layers()
 
         spec.loader.exec_module = exec_module  # this spec's own loader instance only
         return spec
