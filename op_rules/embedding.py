@@ -7,7 +7,7 @@ PyTorch never updates that row (its gradient is zero), so the Keras layer gets a
 :class:`KeepRow` constraint that puts the row back after every optimizer step; the lookup itself
 is the same. ``max_norm`` renormalizes the looked-up rows of the weight *in place* on every
 forward call, which a converted model cannot reproduce, and is refused with an error that says
-so. A lookup in a computed table is ``keras.ops.take``.
+so. A lookup in a table computed from the inputs is refused (its rows would be the batch axis).
 
 A Linear tied to the table (GPT-2's ``lm_head.weight is wte.weight``) is converted as its own
 Dense layer holding a copy: two weights, equal at conversion, trained separately afterwards.
@@ -85,7 +85,8 @@ def embedding(node: OpNode, ctx: Emit) -> Any:
     w_ref = node.kw["weight"]
     src = ctx.graph.nodes[w_ref.name]["op"] if isinstance(w_ref, Ref) else None
     if src is None or not src.is_constant:
-        return keras.ops.take(ctx.tensor_input(node, ctx.index_of(node, w_ref)), ids, axis=0)
+        raise NotImplementedError("embedding with a table computed from the inputs: its rows would be the Keras "
+                                  "batch axis; look up in a parameter, or use torch.index_select on another axis")
     weight = to_numpy(src.value)
     if weight.dtype == np.float64:
         weight = weight.astype(np.float32)
