@@ -187,13 +187,13 @@ def pad(node: OpNode, ctx: Emit) -> Any:
     crop = [(max(-a, 0), max(-b, 0)) for a, b in pads]
     x = ctx.input(node, 0)
     if mode == "circular":  # negative pads crop first, the wrap then reads the cropped tensor
-        x = _crop(x, crop, ctx.name(node, "crop"))
+        x = _crop(x, crop)
     if any(a or b for a, b in grow):
         x = L.pad(x, grow, mode=mode, value=float(value))
-    return x if mode == "circular" else _crop(x, crop, ctx.name(node, "crop"))
+    return x if mode == "circular" else _crop(x, crop)
 
 
-def _crop(x: Any, crops: list[tuple[int, int]], name: str) -> Any:
+def _crop(x: Any, crops: list[tuple[int, int]]) -> Any:
     """Negative pads: drop (before, after) positions of each axis."""
     if not any(a or b for a, b in crops):
         return x
