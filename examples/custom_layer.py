@@ -12,7 +12,7 @@ import keras
 import torch
 import torch.nn as nn
 
-from tracer import Layout, OpNode, convert, rule
+from tracer import Emit, KerasTensor, Layout, OpNode, convert, rule
 
 
 class ScaledTanh(nn.Module):
@@ -28,7 +28,7 @@ class ScaledTanh(nn.Module):
 
 
 @rule(ScaledTanh, layout=Layout.CHANNELS_LAST)
-def scaled_tanh(node: OpNode, ctx) -> keras.KerasTensor:
+def scaled_tanh(node: OpNode, ctx: Emit) -> KerasTensor:
     """The input arrives channels-last (declared above), so alpha broadcasts on the last axis.
 
     alpha becomes a constant: right for inference, and ``tracer verify`` / ``--verify deep``
