@@ -101,7 +101,8 @@ class Progress:
 
             self._live = Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                              TextColumn("{task.fields[steps]}"), TimeElapsedColumn(),
-                             console=Console(file=self.stream, soft_wrap=True), transient=True)
+                             console=Console(file=self.stream, soft_wrap=True), transient=True,
+                             redirect_stdout=_is_terminal(sys.stdout))  # stdout to a file stays in the file
             self._live.start()
         self._task = self._live.add_task(f"{name}" + (f": {message}" if message else ""), total=None, steps="")
 
