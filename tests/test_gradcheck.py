@@ -1,6 +1,7 @@
 """Gradient parity: training-mode gradients, one SGD step and BatchNorm statistics, by parameter name."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import keras
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tracer.op_rules import Layout
 from tracer.op_rules.common import call_with_weights
@@ -15,6 +17,7 @@ from tests.helpers import randomize_bn
 from tests.test_verify import broken
 from tracer import convert_model
 from tracer.verify.gradcheck import check_gradients, map_parameters
+from tracer.verify.kinks import TIE, GatedRun, find_kinks
 
 
 class ConvBN(nn.Sequential):
@@ -293,3 +296,123 @@ def test_integer_inputs_follow_the_batch():
     assert report.ok and report.batch == 3, report.summary()
     assert [d.name for d in report.inputs] == ["input 0"]  # integers have no gradient
     assert {d.name for d in report.params} == {"fc.weight", "fc.bias"}
+
+
+# ---- the float64 reference on Keras's branches ---------------------------------------------------
+class Kinks(nn.Module):
+    def forward(self, x):
+        return (torch.relu(x), x.clamp(-1.0, 1.0), F.hardswish(3 * x), torch.abs(x), torch.maximum(x, 0.5 * x.flip(-1)),
+                F.max_pool2d(x.reshape(1, 1, 2, 4), 2))
+
+
+def test_gated_run_takes_the_given_branch_and_classifies_flips():
+    """Keras's decision replaces float64's at each kink; value and gradient follow it; flips are classified."""
+    gm = torch.fx.symbolic_trace(Kinks())
+    kinks = find_kinks(gm)
+    assert sorted(k.kind for k in kinks.values()) == ["abs", "clip", "hardswish", "max", "pool", "relu"]
+    x = torch.tensor([-1e-6, 0.5, -0.3, 2.0, 1.0 + 1e-7, 1.0, -3.0 / 3, 0.1], dtype=torch.float64, requires_grad=True)
+    natural = GatedRun(gm, kinks, {}).run(x.detach())
+    by_kind = {k.kind: name for name, k in kinks.items()}
+    branches = {
+        by_kind["relu"]: (x.detach() > 0).numpy() | np.eye(1, 8, 0, dtype=bool)[0] | np.eye(1, 8, 2, dtype=bool)[0],
+        by_kind["clip"]: ((x.detach() <= -1).numpy(), (x.detach() >= 1).numpy() & (np.arange(8) != 4)),  # 1 + 1e-7
+        # taken as inside: a tie
+        by_kind["pool"]: torch.tensor([[[[5, 3]]]]),  # window 1 holds 1e-7 less at index 5 (max: 4): a tie
+    }
+    run = GatedRun(gm, kinks, branches)
+    relu, clip, _, _, _, pool = run.run(x)
+    assert relu[0] == x[0] and relu[2] == x[2] and torch.equal(clip[4], x[4])
+    (gate,) = torch.autograd.grad(relu.sum(), x, retain_graph=True)
+    assert gate.tolist() == [1, 1, 1, 1, 1, 1, 0, 1]  # relu's gate open where Keras opened it
+    assert pool.flatten()[0] == x[5] and pool.flatten()[1] == x[3]  # window 2 as PyTorch: no decision
+    (inside,) = torch.autograd.grad(clip.sum(), x, retain_graph=True)
+    assert inside[4] == 1 and inside[6] == 0
+    (picked,) = torch.autograd.grad(pool.sum(), x)
+    assert picked.nonzero().flatten().tolist() == [3, 5]  # Keras's argmax in window 1, PyTorch's in window 2
+    flips = {f.what: f for f in run.flips}
+    assert (flips["relu"].count, flips["relu"].ties, flips["relu"].tie) == (2, 1, False)  # -0.3 is no tie
+    assert flips["clamp"].tie and flips["max_pool2d"].tie and flips["max_pool2d"].count == 1
+    assert all(torch.equal(a, b) for a, b in zip(natural[3:5], run.run(x.detach())[3:5]))  # ungated kinks as PyTorch
+
+
+# RepVGG-A0 (examples/repvgg.py, CIFAR variant): its ReLUs see pre-activations within rounding of 0
+# at some batches (ties), which fp32 gradients alone cannot tell from bugs.
+A0_DEFAULT = [(s, 4) for s in range(5)] + [(0, 2), (0, 16)]
+A0_SLOW = [(s, b) for b in (2, 16) for s in range(1, 5) if (s, b) != (1, 16)]  # (1, 16): the ties test
+
+
+@pytest.fixture(scope="module")
+def a0():
+    from examples import repvgg
+    from examples.common import randomize_bn_stats
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the float64 training-mode BatchNorm of many threads on a busy 2-core machine: ~50x slower
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = randomize_bn_stats(repvgg.build_a0(), seed=1).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    yield model, convert_model(model, x, n_random=1), [x.numpy()]
+    torch.set_num_threads(threads)
+
+
+def _a0_passes(a0, seed: int, batch: int) -> None:
+    model, result, sample = a0
+    report = check_gradients(model, result, sample, batch=batch, seed=seed)
+    assert report.ok, report.summary()
+    assert report.reference == "float64" and report.gated == report.kinks == 22  # every block's ReLU
+    assert sorted(d.name for d in report.params) == sorted(k for k, _ in model.named_parameters())
+    assert 0 < report.noise_floor < report.tolerance and report.max_error < report.tolerance
+    assert all(f["tie"] for f in report.flips), report.flips
+
+
+@pytest.mark.parametrize("seed, batch", A0_DEFAULT, ids=[f"seed{s}-batch{b}" for s, b in A0_DEFAULT])
+def test_repvgg_a0_gradient_parity(a0, seed, batch):
+    _a0_passes(a0, seed, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, batch", A0_SLOW, ids=[f"seed{s}-batch{b}" for s, b in A0_SLOW])
+def test_repvgg_a0_gradient_parity_more_seeds(a0, seed, batch):
+    _a0_passes(a0, seed, batch)
+
+
+def test_repvgg_a0_ties_are_notes_with_their_location(a0):
+    model, result, sample = a0
+    report = check_gradients(model, result, sample, batch=16, seed=1)  # 3 ReLUs flip at ties here
+    assert report.ok and len(report.flips) >= 1, report.summary()
+    assert all(f["tie"] and f["worst"] <= TIE and "repvgg.py:" in f["source"] for f in report.flips), report.flips
+    assert any(f["node"] in n and "at a tie" in n for f in report.flips for n in report.notes)
+
+
+BN = "stage2.1.rbr_dense.bn"  # a BatchNorm in the middle of RepVGG-A0
+
+
+@contextmanager
+def _bug(result, kind: str):
+    """One bug injected into the converted Keras model's BatchNormalization ``BN``."""
+    (layer,) = [lay for lay in result.keras_model.layers if lay.name == BN]
+    call = layer.call
+    if kind == "eps":
+        layer.epsilon = 1e-3
+    elif kind == "scaled":
+        layer.call = lambda inputs, training=None, mask=None: call(inputs, training=training, mask=mask) * 1.001
+    else:  # moving statistics used in training mode
+        layer.call = lambda inputs, training=None, mask=None: call(inputs, training=False, mask=mask)
+    try:
+        yield
+    finally:
+        layer.epsilon = 1e-5
+        layer.__dict__.pop("call", None)
+
+
+@pytest.mark.parametrize("kind", ["eps", "scaled", "moving"])
+def test_repvgg_a0_training_bugs_are_caught_and_named(a0, kind):
+    model, result, sample = a0
+    with _bug(result, kind):
+        report = check_gradients(model, result, sample, batch=2, seed=0)
+    first = report.mismatches[0]
+    assert first.kind == "forward" and first.name == BN.replace(".", "_"), report.summary()
+    assert f"module {BN}" in first.message and "repvgg.py:" in first.message and "rule batch_norm" in first.message
+    assert any(m.kind == "gradient" for m in report.mismatches) and report.max_error > report.tolerance
+    if kind == "moving":
+        assert {m.name for m in report.mismatches if m.kind == "bn_stats"} >= {f"{BN}.running_mean"}
