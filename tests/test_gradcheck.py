@@ -381,7 +381,9 @@ def test_repvgg_a0_ties_are_notes_with_their_location(a0):
     report = check_gradients(model, result, sample, batch=16, seed=1)  # 3 ReLUs flip at ties here
     assert report.ok and len(report.flips) >= 1, report.summary()
     assert all(f["tie"] and f["worst"] <= TIE and "repvgg.py:" in f["source"] for f in report.flips), report.flips
-    assert any(f["node"] in n and "at a tie" in n for f in report.flips for n in report.notes)
+    assert len(report.ties) == len(report.flips) and all(f["node"] in t and f["source"] in t and "at a tie" in t
+                                                         for f, t in zip(report.flips, report.ties))
+    assert "  tie: ReLU" in report.summary()
 
 
 BN = "stage2.1.rbr_dense.bn"  # a BatchNorm in the middle of RepVGG-A0
@@ -416,3 +418,20 @@ def test_repvgg_a0_training_bugs_are_caught_and_named(a0, kind):
     assert any(m.kind == "gradient" for m in report.mismatches) and report.max_error > report.tolerance
     if kind == "moving":
         assert {m.name for m in report.mismatches if m.kind == "bn_stats"} >= {f"{BN}.running_mean"}
+
+
+@pytest.mark.slow
+def test_tracer_verify_reports_gradient_parity_ok_on_repvgg_a0(tmp_path, capsys):
+    """The command line end to end: convert RepVGG-A0, then `tracer verify` (deep checks, gradients)."""
+    import json
+
+    from tracer.cli import main
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "a0"
+    assert main(["convert", f"{root}/examples/repvgg.py:build_a0", "--input-shape", "1,3,32,32", "-o", str(out),
+                 "-q"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+    assert "gradient parity: OK" in capsys.readouterr().out
+    grads = json.loads((out / "report.json").read_text())["verify"]["gradients"]
+    assert grads["ok"] and grads["reference"] == "float64" and grads["gated"] == 22

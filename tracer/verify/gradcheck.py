@@ -71,6 +71,7 @@ class GradReport:
     mismatches: list[Mismatch] = field(default_factory=list)
     known_differences: list[str] = field(default_factory=list)
     flips: list[dict] = field(default_factory=list)
+    ties: list[str] = field(default_factory=list)  # one note per kink that flipped at a tie, with its location
     notes: list[str] = field(default_factory=list)
     mapping: list[dict] = field(default_factory=list)
 
@@ -94,10 +95,9 @@ class GradReport:
         lines += [f"  known difference: {k}" for k in self.known_differences[:1]]
         if len(self.known_differences) > 1:
             lines.append(f"  (the same for {len(self.known_differences) - 1} more BatchNorm layers; see report.json)")
-        ties = [f for f in self.flips if f["tie"]]
-        if ties:
-            lines.append(f"  note: {sum(f['count'] for f in ties)} element(s) at {len(ties)} kink(s) took the other "
-                         f"branch at a tie (first: {ties[0]['node']} at {ties[0]['source']}); compared on Keras's branch")
+        lines += [f"  tie: {t}" for t in self.ties[:SHOWN_FLIPS]]
+        if len(self.ties) > SHOWN_FLIPS:
+            lines.append(f"  (ties at {len(self.ties) - SHOWN_FLIPS} more kinks; see report.json)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -109,7 +109,7 @@ class GradReport:
                 "inputs": [asdict(d) for d in self.inputs], "params": [asdict(d) for d in self.params],
                 "steps": [asdict(d) for d in self.steps], "bn_stats": [asdict(d) for d in self.bn_stats],
                 "mismatches": [asdict(m) for m in self.mismatches],
-                "known_differences": list(self.known_differences), "flips": list(self.flips),
+                "known_differences": list(self.known_differences), "flips": list(self.flips), "ties": list(self.ties),
                 "notes": list(self.notes), "mapping": self.mapping}
 
 
@@ -316,9 +316,9 @@ def _judge_flips(report: GradReport, result: Any, flips: list[Flip]) -> None:
         report.flips.append({"node": f.node, "op": f.what, "source": where, "count": f.count, "ties": f.ties,
                              "worst": f.worst, "tie": f.tie})
         if f.tie:
-            report.notes.append(f"{f.what} {f.node} at {where}: {f.count} element(s) take the other branch in Keras "
-                                f"fp32 at a tie (within {f.worst:.1e} x max|value| of the threshold, <= {TIE:g}); "
-                                "compared on Keras's branch")
+            report.ties.append(f"{f.what} {f.node} at {where}: {f.count} element(s) take the other branch in Keras "
+                               f"fp32 at a tie (within {f.worst:.1e} x max|value| of the threshold, <= {TIE:g}); "
+                               "compared on Keras's branch")
         else:
             wrong.append((f, where))
     for f, where in wrong[:SHOWN_FLIPS]:
