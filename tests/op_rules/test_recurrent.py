@@ -236,3 +236,24 @@ def test_cell_gradient_parity():
     result = assert_converts(model, torch.randn(BATCH, STEPS, F_IN))
     report = check_gradients(model, result, [np.zeros((BATCH, STEPS, F_IN), np.float32)], batch=3)
     assert report.ok, report.summary()
+
+
+class EncoderDecoder(nn.Module):
+    """The state tuple one LSTM returns fed to another as is: ``dec(y, enc_state)``."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.enc = nn.LSTM(F_IN, HID, num_layers=2, batch_first=batch_first)
+        self.dec = nn.LSTM(F_IN, HID, num_layers=2, batch_first=batch_first)
+
+    def forward(self, x):
+        seq = x if self.enc.batch_first else x.transpose(0, 1)
+        _, state = self.enc(seq)
+        out, _ = self.dec(seq.flip(1 if self.enc.batch_first else 0), state)
+        return out
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_state_tuple_of_another_lstm(batch_first):
+    torch.manual_seed(11)
+    assert_converts(EncoderDecoder(batch_first).eval(), torch.randn(BATCH, STEPS, F_IN))
