@@ -26,7 +26,8 @@ def build_model(graph: nx.DiGraph, name: str = "converted",
         if progress is not None:
             progress(k + 1, len(nodes))
         if node.kind == "placeholder":
-            t = keras.Input(shape=node.layout.keras_shape(node.shape)[1:], name=node.name,
+            t = keras.Input(shape=_input_shape(node, graph.graph.get("dynamic_axes", {}).get(node.name, {})),
+                            name=node.name,
                             dtype=_KERAS_DTYPES.get(node.dtype or "float32", "float32"))
             ctx.tensors[node.name] = t
             inputs.append(t)
@@ -40,6 +41,14 @@ def build_model(graph: nx.DiGraph, name: str = "converted",
     with recursion_room(3 * len(nodes)):  # each node emits a few Keras ops at most
         model = keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs, outputs=outputs, name=_model_name(name))
     return model, ctx
+
+
+def _input_shape(node: OpNode, dynamic: dict[int, str]) -> tuple:
+    """The Keras input shape without the batch: the node's in its layout, None on dynamic torch axes."""
+    shape = list(node.layout.keras_shape(node.shape))
+    for axis in dynamic:
+        shape[node.layout.axis(axis)] = None
+    return tuple(shape[1:])
 
 
 def _emit_node(node: OpNode, ctx: Emit) -> Any:

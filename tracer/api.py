@@ -16,6 +16,7 @@ from tracer.emitter.build import build_model
 from tracer.emitter.layers import load_needs
 from tracer.op_rules.registry import has_module_rule, lookup
 from tracer.capture.fx import capture as capture_graph
+from tracer.dynamic import check_dynamic, parity_shapes, parse_dynamic_shapes, placeholder_axes
 from tracer.errors import InputError, ParityError
 from tracer.ir import Phys, ordered, target_name
 from tracer.verify.trainable import note_frozen
@@ -87,12 +88,13 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
                   tol: float = DEFAULT_TOL, raise_on_mismatch: bool = True, capture: str = "auto",
                   progress: Callable[[str], None] | Progress | None = None, tflite: Sequence[str] = (), calib: Any = None,
                   int8_io: bool = False, random_calibration: bool = False,
-                  allow_flex: bool = False) -> ConversionResult:
+                  allow_flex: bool = False, dynamic_shapes: Any = None) -> ConversionResult:
     """Convert and (by default) prove parity. See :func:`convert` for the arguments."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     say = as_progress(progress or (lambda msg: log.info(msg)))
     inputs = _as_tuple(sample_input)
+    dims = parse_dynamic_shapes(dynamic_shapes, inputs)  # before any work
     if tflite:
         from tracer.emitter.tflite import check_options
         check_options(tflite, calib, int8_io, random_calibration)  # before any work
@@ -105,8 +107,13 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
         how = graph.graph.get("capture", {"method": capture})
         if how["method"] != "fx" and capture != "export":
             say(f"captured with {how['method']} instead: {how['reason']}")
+        if dims:
+            with say.stage("capture", "again at other sizes of " + ", ".join(d.name for d in dims)):
+                check_dynamic(graph, dims, lambda xs: capture_graph(model, xs, has_module_rule, method=how["method"]),
+                              inputs)
         with say.stage("passes"):
             graph = run_passes(graph, channels_last_io, fold_bn)
+        graph.graph["dynamic_axes"] = placeholder_axes(graph, dims)
         n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
         with say.stage("emission", f"Keras for {n_nodes} operations"):
             keras_model, ctx = build_model(graph, name=type(model).__name__, progress=say.advance)
@@ -124,7 +131,8 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
             with say.stage("parity", f"checking on {1 + n_random + len(extra_inputs)} inputs"):
                 result.report = check_parity(model, keras_model, sample, result.input_layouts,
                                              result.output_layouts, n_random=n_random, extra=extra_inputs, tol=tol,
-                                             graph=graph, node_tensors=result.node_tensors)
+                                             graph=graph, node_tensors=result.node_tensors,
+                                             sizes=parity_shapes([tuple(x.shape) for x in sample], dims))
             if raise_on_mismatch and not result.report.ok:
                 raise ParityError(result.report)
         if tflite:
@@ -197,6 +205,10 @@ def convert(model: torch.nn.Module, sample_input: Any, **options: Any) -> Any:
         int8_io: int8 model with int8 inputs/outputs instead of float ones.
         random_calibration: allow int8 without ``calib`` (calibrates on noise; warns).
         allow_flex: allow Select TF (Flex) ops in the TFLite files.
+        dynamic_shapes: axes besides the batch whose size may change, one dict per input mapping a
+            torch axis to a name (or a ``torch.export.Dim`` with min/max), e.g. ``({2: "h", 3: "w"},)``;
+            axes sharing a name are one size. The Keras inputs get ``None`` there, parity is checked at
+            two other sizes per name, and ops that would fix such a size are refused (tracer/dynamic.py).
 
     Returns the Keras model; ``keras_model.tracer_result`` holds the ConversionResult with
     the parity report (``.report``), the graph and conversion facts.

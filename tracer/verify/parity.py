@@ -285,8 +285,9 @@ def _embedding_rows(graph: Any, u: Any, name: str) -> int | None:
 def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.ndarray], in_layouts: Sequence[Phys],
                  out_layouts: Sequence[Phys], n_random: int = 3, extra: Sequence[Sequence[np.ndarray]] = (),
                  tol: float = DEFAULT_TOL, seed: int = 0, graph: Any = None,
-                 node_tensors: dict | None = None) -> ParityReport:
-    """Compare on the sample input, ``n_random`` random inputs (one with another batch size) and ``extra``.
+                 node_tensors: dict | None = None, sizes: Sequence[tuple[str, Sequence[tuple]]] = ()) -> ParityReport:
+    """Compare on the sample input, ``n_random`` random inputs (one with another batch size), ``extra``
+    and one random input per entry of ``sizes`` ((label, input shapes): other sizes of dynamic axes).
 
     When the Keras model raises on an input that PyTorch runs, a ConversionError names the input
     and, given the ``graph`` and the ``node_tensors`` of the conversion, the Keras layer that failed
@@ -301,6 +302,7 @@ def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.n
         trials.append((f"random{k}" + (f" (batch {batch})" if batch else ""),
                        random_like(shapes, dtypes, seed + k, batch, ranges)))
     trials += [(f"user{k}", list(x)) for k, x in enumerate(extra)]
+    trials += [(label, random_like(other, dtypes, seed + 100 + k, None, ranges)) for k, (label, other) in enumerate(sizes)]
     report = ParityReport(tolerance=tol, output_names=graph_output_names(graph))
     for label, inputs in trials:
         expected = _torch_trial(model, inputs, label, sample)
