@@ -14,6 +14,7 @@ import torch
 import tracer.op_rules  # noqa: F401  (registers the rules)
 from tracer.emitter.build import build_model
 from tracer.emitter.layers import load_needs
+from tracer.op_rules.embedding import tied_weights
 from tracer.op_rules.registry import has_module_rule, lookup
 from tracer.capture.fx import capture as capture_graph
 from tracer.dynamic import check_dynamic, parity_shapes, parse_dynamic_shapes, placeholder_axes
@@ -64,6 +65,10 @@ class ConversionResult:
             "output_layouts": [list(p.perm) for p in self.output_layouts],
             "notes": notes,
             "capture": dict(self.graph.graph.get("capture", {})),
+            # integer inputs: int64 in PyTorch, int32 in Keras (emitter/build.py)
+            "input_dtypes": [{"torch": n.dtype, "keras": str(t.dtype)} for n, t in zip(
+                (n for n in ordered(self.graph) if n.kind == "placeholder"), self.keras_model.inputs)],
+            "tied_weights": tied_weights(self.graph),
         }
 
 
