@@ -103,3 +103,19 @@ def embedding_renorm(node: OpNode, ctx: Emit) -> Any:
     """torch.export writes ``nn.Embedding(max_norm=...)`` as an in-place renorm before the lookup."""
     _refuse_max_norm(node, node.kw.get("max_norm", "set"))
     return ctx.input(node, 0)
+
+
+def tied_weights(graph: Any) -> list[str]:
+    """Parameters that several converted layers read (an LM head tied to the token embedding), each
+    with what the Keras model holds: one copy per layer, equal at conversion, trained separately."""
+    users: dict[int, list[str]] = {}
+    for name in graph.graph.get("order", graph.nodes):
+        node = graph.nodes[name]["op"]
+        if node.kind == "call_module" and node.module is not None:
+            for pname, p in node.module.named_parameters(recurse=False):
+                users.setdefault(id(p), []).append(f"{node.module_path}.{pname}")
+        elif node.kind == "get_attr" and len(list(graph.successors(name))) > 1 and any(
+                graph.nodes[u]["op"].target in (F.embedding, aten.embedding.default) for u in graph.successors(name)):
+            users[id(node)] = [f"{graph.nodes[u]['op'].module_path or u}" for u in graph.successors(name)]
+    return [f"{' = '.join(names)}: tied in PyTorch; one Keras weight per layer, equal at conversion, trained "
+            "separately" for names in users.values() if len(names) > 1]

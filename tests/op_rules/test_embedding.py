@@ -137,3 +137,10 @@ def test_save_and_load(tmp_path):
     x = ids(3, 6, seed=2).numpy().astype(np.int32)
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(result.keras_model(x)))
     assert embedding_layers(loaded)[0].embeddings.constraint.index == 0
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_facts_name_integer_inputs_and_tied_weights(capture):
+    facts = convert(TiedLM(), ids(2, 5), capture=capture, n_random=1).facts()
+    assert facts["input_dtypes"] == [{"torch": "int64", "keras": "int32"}]
+    assert len(facts["tied_weights"]) == 1 and "equal at conversion" in facts["tied_weights"][0]
