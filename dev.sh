@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run: `bash dev.sh example` converts an example; `bash dev.sh test` runs the tests;
-# `bash dev.sh zoo [--models a,b] [--timeout S] [--json PATH]` converts timm models in their own venv (.venv-zoo).
+# `bash dev.sh zoo [--models a,b] [--timeout S] [--json PATH]` converts timm models in their own venv (.venv-zoo);
+# `bash dev.sh test-cuda` runs a subset of the tests there, under torch's CUDA wheel (with triton).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -49,12 +50,16 @@ setup_zoo() {
   fi
   local stamp=.venv-zoo/.tracer-installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "[zoo] installing torch 2.14.1, torchvision 0.29.1, timm and tracer into .venv-zoo (several GB)" >&2
+    echo "[zoo] installing torch 2.14.1, torchvision 0.29.1, timm, transformers and tracer into .venv-zoo (several GB)" >&2
     .venv-zoo/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    .venv-zoo/bin/python -m pip install -q timm pytest -e .
+    # transformers 5.25 needs a package PyPI's mirror here lacks; 5.24.0 installs
+    .venv-zoo/bin/python -m pip install -q timm "transformers==5.24.0" pytest pytest-xdist scikit-learn -e .
     touch "$stamp"
   fi
 }
+
+CUDA_TESTS=(tests/test_cuda_wheel.py tests/test_external_subset.py tests/test_zoo_subset.py tests/test_model_names.py
+            tests/op_rules/test_library.py tests/op_rules/test_reduce.py tests/test_capture_export.py)
 
 case "${1:-}" in
   setup)
@@ -67,11 +72,18 @@ case "${1:-}" in
     chromium_for_tests
     shift || true
     .venv/bin/python -m pytest -n 2 -q -p no:cacheprovider "$@" ;;
+  test-cuda)
+    # the CUDA torch wheel (2.14.1, with triton) in .venv-zoo: the import-order and triton tests, the
+    # torchvision/transformers/timm tests that skip in .venv, and a few fast rule families
+    setup_zoo
+    shift || true
+    [ $# -gt 0 ] || set -- "${CUDA_TESTS[@]}"
+    .venv-zoo/bin/python -m pytest -n 2 -q -p no:cacheprovider -m "slow or not slow" "$@" ;;
   zoo)
     setup_zoo
     shift || true
     .venv-zoo/bin/python bench/zoo.py "$@" ;;
   *)
-    echo "usage: bash dev.sh setup|example|test [pytest args]|zoo [zoo args]" >&2
+    echo "usage: bash dev.sh setup|example|test [pytest args]|test-cuda [pytest args]|zoo [zoo args]" >&2
     exit 2 ;;
 esac

@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 # (timm name, family, input side, create_model kwargs): small inputs where the architecture allows
 ZOO: list[tuple[str, str, int, dict]] = [
@@ -91,7 +92,7 @@ RESULT_TAG = "ZOO-RESULT "
 class Row:
     model: str
     family: str
-    input: int
+    input: int | str  # side of the square image (zoo) or the input's shape (external)
     status: str = "error"  # ok | mismatch | unsupported | error | timeout | setup
     params_m: float = 0.0
     max_abs: float | None = None
@@ -108,9 +109,6 @@ def convert_one(name: str, family: str, side: int, kwargs: dict, batch: int = 1)
     import timm
     import torch
 
-    from tracer import convert_model
-    from tracer.errors import UnsupportedOpsError
-
     row = Row(name, family, side)
     try:
         torch.manual_seed(0)
@@ -122,9 +120,19 @@ def convert_one(name: str, family: str, side: int, kwargs: dict, batch: int = 1)
     except Exception as e:  # the model itself, not the converter: reported as a setup failure
         row.status, row.reason = "setup", _first_line(e)
         return row
+    return measure(row, model, x)
+
+
+def measure(row: Row, model: "torch.nn.Module", sample: Any) -> Row:
+    """Convert ``model`` on ``sample`` and fill ``row``: parity, max abs/scaled, seconds, Transposes,
+    capture method, or the failure reason (the missing ops, or the error's first line). Shared with
+    bench/external.py."""
+    from tracer import convert_model
+    from tracer.errors import UnsupportedOpsError
+
     start = time.perf_counter()
     try:
-        result = convert_model(model, x, n_random=1, raise_on_mismatch=False)
+        result = convert_model(model, sample, n_random=1, raise_on_mismatch=False)
     except UnsupportedOpsError as e:
         row.status, row.missing_ops = "unsupported", [o["op"] for o in e.ops]
         row.reason = "no rule: " + ", ".join(row.missing_ops)
@@ -183,17 +191,25 @@ def _first_line(e: BaseException) -> str:
 def run_child(entry: tuple, timeout: float, batch: int = 1) -> Row:
     """Convert one model in a subprocess; a timeout or a crash becomes that model's row."""
     name, family, side, kwargs = entry
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([name, family, side, kwargs, batch])]
+    return child_row(os.path.abspath(__file__), [name, family, side, kwargs, batch], timeout, Row(name, family, side))
+
+
+def child_row(script: str, payload: list, timeout: float, row: Row) -> Row:
+    """Run ``script --child <payload as JSON>`` in a subprocess and read the Row it prints after
+    RESULT_TAG; a timeout or a crash fills ``row`` (which names the model) instead."""
+    cmd = [sys.executable, script, "--child", json.dumps(payload)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return Row(name, family, side, status="timeout", seconds=timeout, reason=f"over {timeout:.0f} s")
+        row.status, row.seconds, row.reason = "timeout", timeout, f"over {timeout:.0f} s"
+        return row
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return Row(**json.loads(line[len(RESULT_TAG):]))
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return Row(name, family, side, status="error", reason=f"child exited {proc.returncode}: {tail[:300]}")
+    row.status, row.reason = "error", f"child exited {proc.returncode}: {tail[:300]}"
+    return row
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -201,11 +217,12 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'model':34} {'family':6} {'in':>4} {'Mparams':>8} {'parity':11} {'max abs':>9} {'scaled':>9} " \
+    w = max([4] + [len(str(r.input)) for r in rows])
+    head = f"{'model':34} {'family':6} {'in':>{w}} {'Mparams':>8} {'parity':11} {'max abs':>9} {'scaled':>9} " \
            f"{'sec':>6} {'Transp':>6}  reason"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.model:34} {r.family:6} {r.input:>4} {r.params_m:>8.2f} {r.status:11} "
+        lines.append(f"{r.model:34} {r.family:6} {str(r.input):>{w}} {r.params_m:>8.2f} {r.status:11} "
                      f"{_fmt(r.max_abs, '.2e'):>9} {_fmt(r.max_rel, '.2e'):>9} {_fmt(r.seconds, '.1f'):>6} "
                      f"{_fmt(r.transposes, 'd'):>6}  {r.reason}")
     return "\n".join(lines)

@@ -49,6 +49,15 @@ def test_conversion_in_every_import_order(prelude):
 
 
 @needs_triton
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed")
+def test_torchvision_imported_after_tracer():
+    """torchvision.ops imports torch._dynamo (and triton) at import: after ``import tracer``, which
+    may already have loaded TensorFlow, and before any conversion."""
+    proc = _run("import tracer, tracer.api, torch, torchvision")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+
+
+@needs_triton
 def test_torch_export_and_tflite_beside_triton():
     """torch.export imports torch._dynamo (and so triton) outright; TFLite conversion runs TF's MLIR."""
     proc = _run(ORDERS["tensorflow-first"], capture="export", tflite=("fp32",))

@@ -13,8 +13,10 @@ import importlib as _importlib
 import os as _os
 
 from tracer import backends as _backends
+from tracer.fixes.triton_llvm import isolate_triton_llvm as _isolate_triton_llvm
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_isolate_triton_llvm()  # torch's CUDA wheels: triton must not bind to TensorFlow's LLVM (fixes/triton_llvm.py)
 _backends.register_layers_with_keras()
 
 __version__ = "0.1.0"
