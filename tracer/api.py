@@ -144,7 +144,8 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
             with say.stage("tflite", ", ".join(tflite)):
                 _export_tflite(result, model, inputs, tflite, check=check, n_random=n_random, extra=extra_inputs,
                                tol=tol, raise_on_mismatch=raise_on_mismatch, say=say, calib=calib, int8_io=int8_io,
-                               random_calibration=random_calibration, allow_flex=allow_flex)
+                               random_calibration=random_calibration, allow_flex=allow_flex,
+                               sizes=parity_shapes([tuple(x.shape) for x in inputs], dims))
     finally:
         model.train(was_training)
     result.stage_seconds = {k: round(v, 3) for k, v in say.times.items() if k in _API_STAGES}

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--capture", choices=["auto", "fx", "export"], default="auto",
                    help="auto (default): torch.fx, and torch.export when fx cannot trace the model "
                         "(data-dependent control flow, shape asserts); fx or export force one")
+    c.add_argument("--dynamic-axis", action="append", default=[], metavar="INPUT:AXIS[=NAME]",
+                   help="a torch axis (besides the batch) of input INPUT (0-based) whose size may change, e.g. "
+                        "0:3=time; axes sharing a NAME are one size; repeatable")
     c.add_argument("--no-saved-model", action="store_true", help="skip the TensorFlow SavedModel export")
     c.add_argument("--keep-on-mismatch", action="store_true", help="write the model even when parity fails")
     _add_tflite_arguments(c)
@@ -241,7 +244,32 @@ def check_convert_args(args: argparse.Namespace) -> tuple[list[list[int]], list[
     if args.calib is not None and not Path(args.calib).exists():
         raise InputError(f"calibration path {args.calib} does not exist")
     check_output_dir(args.output)
+    parse_dynamic_axes(args.dynamic_axis, shapes)
     return shapes, dtypes
+
+
+def parse_dynamic_axes(texts: list[str], shapes: list[list[int]]) -> tuple[dict[int, str], ...] | None:
+    """``--dynamic-axis INPUT:AXIS[=NAME]`` values as ``convert_model``'s ``dynamic_shapes`` (None for none)."""
+    from tracer.errors import InputError
+    if not texts:
+        return None
+    found: list[dict[int, str]] = [{} for _ in shapes]
+    for text in texts:
+        spec, _, name = text.partition("=")
+        where, sep, axis = spec.partition(":")
+        try:
+            i, a = int(where), int(axis)
+        except ValueError:
+            raise InputError(f"--dynamic-axis {text!r} must be INPUT:AXIS[=NAME], e.g. 0:3=time") from None
+        if not sep or not 0 <= i < len(shapes) or not -len(shapes[i]) <= a < len(shapes[i]):
+            raise InputError(f"--dynamic-axis {text!r}: there is no input {where} with an axis {axis} "
+                             f"(input shapes {', '.join('x'.join(map(str, s)) for s in shapes)})")
+        if a % len(shapes[i]) == 0:
+            raise InputError(f"--dynamic-axis {text!r}: axis 0 is the batch axis, which is always dynamic")
+        if name and not name.isidentifier():
+            raise InputError(f"--dynamic-axis {text!r}: the name {name!r} must be an identifier (letters, digits, _)")
+        found[i][a % len(shapes[i])] = name or f"input{i}_axis{a % len(shapes[i])}"
+    return tuple(found)
 
 
 def _convert(args: argparse.Namespace, track: Progress) -> int:
@@ -260,7 +288,7 @@ def _convert(args: argparse.Namespace, track: Progress) -> int:
     result = convert_model(model, sample, channels_last_io=args.channels_last_io, fold_bn=args.fold_bn,
                            n_random=args.random_inputs,
                            extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=track, capture=args.capture,
-                           **_tflite_options(args))
+                           dynamic_shapes=parse_dynamic_axes(args.dynamic_axis, shapes), **_tflite_options(args))
     report = {"target": args.target, "input_shapes": shapes, "parity": result.report.to_dict(),
               "conversion": result.facts(), "invocation": _invocation(args, shapes, dtypes)}
     tflite_section, tflite_files = _tflite_outputs(result)

@@ -183,12 +183,14 @@ class LiteRTReport:
 def check_litert(model: torch.nn.Module, model_bytes: bytes, kind: str, sample: Sequence[np.ndarray],
                  in_layouts: Sequence[Phys], out_layouts: Sequence[Phys], input_names: Sequence[str] | None = None,
                  n_random: int = 3, extra: Sequence[Sequence[np.ndarray]] = (), tol: float = DEFAULT_TOL,
-                 seed: int = 0, output_names: Sequence[str] | None = None) -> LiteRTReport:
-    """Run ``model_bytes`` and PyTorch on the differential tester's inputs (parity.check_parity)."""
+                 seed: int = 0, output_names: Sequence[str] | None = None,
+                 sizes: Sequence[tuple[str, Sequence[tuple]]] = ()) -> LiteRTReport:
+    """Run ``model_bytes`` and PyTorch on the differential tester's inputs (parity.check_parity), ``sizes``
+    being other sizes of dynamic axes (the interpreter's inputs resized to each)."""
     runner = LiteRTRunner(model_bytes, input_names, output_names=output_names)
     recorder = _Recorder(model).eval()
     parity = check_parity(recorder, runner, sample, in_layouts, out_layouts, n_random=n_random, extra=extra,
-                          tol=tol, seed=seed)
+                          tol=tol, seed=seed, sizes=sizes)
     by_trial = {t.label: top1_agreement([e], [g], out_layouts)
                 for t, e, g in zip(parity.trials, recorder.calls, runner.calls)}
     return LiteRTReport(kind=kind, parity=parity, strict=kind in STRICT_KINDS,
@@ -216,6 +218,26 @@ def keras_input_names(keras_model: Any) -> list[str]:
     return [t.name for t in keras_model.inputs]
 
 
+def _refuse_dynamic_loops(keras_model: Any) -> None:
+    """A Keras LSTM / GRU over a dynamic time axis: builtin TFLite ops need its loop unrolled (tracer/fixes/
+    tflite_rnn_unroll.py), which needs a fixed length, so it is refused naming the layers."""
+    import keras
+    from tracer.emitter.tflite import TFLiteExportError
+
+    loops = [layer.name for layer in keras_model.layers if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
+             and _time_is_dynamic(layer)]
+    if loops:
+        raise TFLiteExportError(
+            f"TFLite: the recurrent layer(s) {', '.join(loops)} run over a dynamic time axis; with builtin ops only "
+            "their loop is unrolled, which needs a fixed length. Keep the time axis static for TFLite (convert "
+            "once without dynamic_shapes / --dynamic-axis); the Keras model and SavedModel keep the dynamic time axis")
+
+
+def _time_is_dynamic(layer: Any) -> bool:
+    return any(len(node.input_tensors[0].shape) > 1 and node.input_tensors[0].shape[1] is None
+               for node in layer._inbound_nodes if node.input_tensors)
+
+
 CALIB_TRIAL = 8  # calibration samples added to the tester's inputs as one batch
 
 
@@ -224,10 +246,12 @@ def export_and_check(model: torch.nn.Module, keras_model: Any, kinds: Sequence[s
                      int8_io: bool = False, random_calibration: bool = False, allow_flex: bool = False,
                      check: bool = True, n_random: int = 3, extra: Sequence[Sequence[np.ndarray]] = (),
                      tol: float = DEFAULT_TOL, say: Callable[[str], None] = lambda m: None,
+                     sizes: Sequence[tuple[str, Sequence[tuple]]] = (),
                      ) -> tuple[dict[str, bytes], dict[str, LiteRTReport]]:
     """Export each TFLite kind and (``check``) run it against PyTorch on the tester's inputs, plus
     one batch of calibration samples when calibration data is given (``report.calib_trial``)."""
     check_options(kinds, calib, int8_io, random_calibration)
+    _refuse_dynamic_loops(keras_model)
     trials = list(extra)
     if calib is not None and check:
         first = list(itertools.islice(calibration_samples(calib, [x.shape for x in sample]), CALIB_TRIAL))
@@ -245,7 +269,7 @@ def export_and_check(model: torch.nn.Module, keras_model: Any, kinds: Sequence[s
             continue
         report = check_litert(model, files[kind], kind, sample, in_layouts, out_layouts,
                               keras_input_names(keras_model), n_random=n_random, extra=trials, tol=tol,
-                              output_names=signature_names(keras_model.output))
+                              output_names=signature_names(keras_model.output), sizes=sizes)
         if len(trials) > len(extra):
             report.calib_trial = report.parity.trials[-1].label
         reports[kind] = report

@@ -1,0 +1,194 @@
+"""Dynamic axes (issue 14, first version): one converted model for several image sizes and sequence
+lengths, checked against PyTorch at the sample's size and two others per dynamic axis, in Keras and
+(for two models) fp32 LiteRT; ops that would fix a dynamic size are refused naming the axis and line."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from examples import crnn_kws, repvgg, vit_tiny
+from tests.helpers import FP32_TOL, randomize_bn
+from tracer import convert_model
+from tracer.dynamic import DynamicAxis, parse_dynamic_shapes
+from tracer.errors import ConversionError, InputError
+
+
+class ResNetStyle(nn.Module):
+    """Two residual stages (the second strided, with a 1x1 projection), global pooling, a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.b = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.proj = nn.Conv2d(8, 16, 1, stride=2)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.a(x))
+        x = torch.relu(self.proj(x) + self.b(x))
+        return self.fc(self.gap(self.pool(x)).flatten(1))
+
+
+class RNNStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(16, 12, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.lstm(x)
+        y, _ = self.gru(y)
+        return self.head(y)
+
+
+class TokenModel(nn.Module):
+    """nn.Embedding + learned positions from ``torch.arange(T)`` + nn.TransformerEncoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(50, 16)
+        self.pos = nn.Embedding(64, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)  # the position line
+        return self.enc(self.tok(ids) + self.pos(positions))
+
+
+def _convert(model: nn.Module, sample: torch.Tensor, dynamic: dict, tflite: tuple = ()) -> object:
+    result = convert_model(model.eval(), sample, dynamic_shapes=(dynamic,), n_random=1, raise_on_mismatch=False,
+                           tflite=tflite)
+    return result
+
+
+def _sizes_checked(report, name: str) -> list[str]:
+    return [t.label for t in report.trials if t.label.startswith(name + "=")]
+
+
+def _assert_ok_at_sizes(result, names: list[str], want_sizes: int = 2) -> None:
+    assert result.report.ok, result.report.summary()
+    for name in names:
+        assert len(_sizes_checked(result.report, name)) == want_sizes, result.report.summary()
+    for report in result.tflite_reports.values():
+        assert report.ok, report.summary()
+        for name in names:
+            assert len(_sizes_checked(report.parity, name)) == want_sizes, report.summary()
+    for t in result.report.trials:  # every trial held to the project's tolerance
+        assert all(o.max_rel <= FP32_TOL for o in t.outputs)
+
+
+def test_resnet_style_dynamic_hw_keras_and_litert():
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetStyle(), seed=0)
+    result = _convert(model, torch.randn(2, 3, 32, 32), {2: "h", 3: "w"}, tflite=("fp32",))
+    assert tuple(result.keras_model.inputs[0].shape) == (None, 3, None, None)
+    _assert_ok_at_sizes(result, ["h", "w"])
+    shapes = {t.label: t.input_shapes[0] for t in result.tflite_reports["fp32"].parity.trials}
+    assert shapes["h=64"] == (2, 3, 64, 32) and shapes["w=48"] == (2, 3, 32, 48)
+    assert result.graph.graph["dynamic_axes"] == {"x": {2: "h", 3: "w"}}
+
+
+def test_resnet_style_channels_last_io_shares_one_size_keras_and_litert():
+    torch.manual_seed(1)
+    model = randomize_bn(ResNetStyle(), seed=1)
+    result = convert_model(model.eval(), torch.randn(1, 3, 24, 24), channels_last_io=True, n_random=1,
+                           dynamic_shapes=({2: "side", 3: "side"},), raise_on_mismatch=False, tflite=("fp32",))
+    assert tuple(result.keras_model.inputs[0].shape) == (None, None, None, 3)  # NHWC: H, W at Keras axes 1, 2
+    assert [t.input_shapes[0] for t in result.report.trials if "=" in t.label] == [(1, 3, 48, 48), (1, 3, 36, 36)]
+    _assert_ok_at_sizes(result, ["side"])
+
+
+def test_repvgg_a0_dynamic_hw():
+    model = randomize_bn(repvgg.build_a0(num_classes=10), seed=3)
+    torch.manual_seed(3)
+    result = _convert(model, torch.randn(1, 3, 32, 32), {2: "h", 3: "w"})
+    _assert_ok_at_sizes(result, ["h", "w"])
+
+
+def test_lstm_gru_stack_dynamic_time_keras():
+    torch.manual_seed(4)
+    result = _convert(RNNStack(), torch.randn(2, 20, 8), {1: "time"})
+    assert tuple(result.keras_model.inputs[0].shape) == (None, None, 8)
+    _assert_ok_at_sizes(result, ["time"])
+    assert [t.input_shapes[0][1] for t in result.report.trials if t.label.startswith("time=")] == [40, 30]
+
+
+def test_lstm_over_dynamic_time_refused_for_tflite():
+    """Builtin TFLite ops need the recurrent loop unrolled, which needs a fixed length: a clear refusal."""
+    from tracer.emitter.tflite import TFLiteExportError
+    torch.manual_seed(9)
+    with pytest.raises(TFLiteExportError, match="dynamic time axis"):
+        _convert(RNNStack(), torch.randn(2, 6, 8), {1: "time"}, tflite=("fp32",))
+
+
+def test_crnn_time_flatten_refused_naming_the_line():
+    """CRNN's ``x.permute(0, 3, 1, 2).flatten(2)`` keeps time as a reshape axis, which the reshape rule
+    sets from the sample's sizes: refused with the axis, the op and the line, not converted wrongly."""
+    torch.manual_seed(5)
+    model = randomize_bn(crnn_kws.build(), seed=5)
+    with pytest.raises(ConversionError) as err:
+        _convert(model, torch.randn(1, 1, 40, 100), {3: "time"})
+    text = str(err.value)
+    assert "dynamic axis 'time'" in text and "crnn_kws.py:51" in text and "flatten" in text
+
+
+def test_token_model_arange_positions_refused_naming_the_line():
+    torch.manual_seed(6)
+    ids = torch.randint(0, 50, (2, 12))
+    with pytest.raises(ConversionError) as err:
+        _convert(TokenModel(), ids, {1: "seq"})
+    text = str(err.value)
+    assert "dynamic axis 'seq'" in text and "the position line" in text and "arange" in text
+    assert "nothing was converted" in text
+
+
+def test_vit_other_sizes_refused():
+    model = vit_tiny.build(img_size=32, num_classes=10, depth=1)
+    torch.manual_seed(7)
+    with pytest.raises(ConversionError) as err:
+        _convert(model, torch.randn(1, 3, 32, 32), {2: "h", 3: "w"})
+    text = str(err.value)
+    assert "dynamic axis 'h'" in text and "fails in PyTorch at h=64" in text and "vit_tiny.py" in text
+
+
+def test_adaptive_pool_to_fixed_size_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 2))
+    torch.manual_seed(8)
+    with pytest.raises(ConversionError, match=r"adaptive pooling to the fixed size \(3, 3\)"):
+        _convert(model, torch.randn(1, 3, 16, 16), {2: "h"})
+
+
+def test_parse_dynamic_shapes_checks_the_spec():
+    x = torch.zeros(2, 3, 8, 10)
+    dims = parse_dynamic_shapes(({2: "h", -1: "w"},), (x,))
+    assert dims == [DynamicAxis("h", ((0, 2),), 8), DynamicAxis("w", ((0, 3),), 10)]
+    assert dims[0].others() == [16, 12]
+    limited = parse_dynamic_shapes(({2: torch.export.Dim("h", min=4, max=12)},), (x,))[0]
+    assert (limited.low, limited.high, limited.others()) == (4, 12, [12, 9])
+    for bad, message in [(({0: "b"},), "batch axis"), (({4: "h"},), "not an axis"), (({2: "a b"},), "identifier"),
+                         (({2: "s", 3: "s"},), "one size"), ([{2: "h"}, {1: "t"}], "one dict per input")]:
+        with pytest.raises(InputError, match=message):
+            parse_dynamic_shapes(bad, (x,))
+    assert parse_dynamic_shapes(None, (x,)) == []
+
+
+def test_cli_dynamic_axis_parsed_before_torch():
+    from tracer.cli import parse_dynamic_axes
+    assert parse_dynamic_axes(["0:3=time", "1:1"], [[1, 1, 40, 100], [1, 5]]) == ({3: "time"}, {1: "input1_axis1"})
+    assert parse_dynamic_axes([], [[1, 3]]) is None
+    for bad, message in [("0", "INPUT:AXIS"), ("2:1", "no input 2"), ("0:0", "batch axis"), ("0:1=a-b", "identifier")]:
+        with pytest.raises(InputError, match=message):
+            parse_dynamic_axes([bad], [[1, 3, 8]])
+
+
+def test_batch_manifest_takes_dynamic_axis_option():
+    from tracer.batch.manifest import _check_options, convert_actions
+    got = _check_options({"dynamic_axis": ["0:2=h"]}, convert_actions(), lambda f, m: ValueError(f"{f}: {m}"))
+    assert got == {"dynamic_axis": ["0:2=h"]}
