@@ -20,7 +20,6 @@ import tensorflow as tf
 import torch
 import torch.nn as nn
 
-import tracer  # noqa: F401  (registers tracer's layers for load_model)
 from tracer.emitter.batchnorm import BatchNormalization
 from tests.helpers import FP32_TOL, assert_converts, randomize_bn
 
