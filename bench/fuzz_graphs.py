@@ -96,10 +96,10 @@ class Op(nn.Module):
             return x
         if k == "merge":
             y = env.get("saved", x)
-            return {"add": x + y, "mul": x * y, "sub": x - y, "max": torch.maximum(x, y),
-                    "cat": torch.cat([x, y], dim=1)}[s["how"]]
+            return {"add": lambda: x + y, "mul": lambda: x * y, "sub": lambda: x - y,
+                    "max": lambda: torch.maximum(x, y), "cat": lambda: torch.cat([x, y], dim=1)}[s["how"]]()
         if k == "input2":
-            return {"add": x + env["in2"], "mul": x * env["in2"]}[s["how"]]
+            return x + env["in2"] if s["how"] == "add" else x * env["in2"]
         if k == "side":
             env["side"].append(x.mean(dim=-1) if s["mean"] else x * 1.5)
             return x
@@ -112,8 +112,8 @@ class Op(nn.Module):
         if k == "softmax":
             return torch.softmax(x, dim=s["dim"])
         if k == "scalar":
-            return {"add": x + s["v"], "mul": x * s["v"], "pow": x.abs() ** 2 if s["v"] > 0 else x.square(),
-                    "clamp": x.clamp(min=-s["v"], max=s["v"])}[s["how"]]
+            return {"add": lambda: x + s["v"], "mul": lambda: x * s["v"], "pow": lambda: x.abs() ** s["v"],
+                    "clamp": lambda: x.clamp(min=-s["v"], max=s["v"])}[s["how"]]()
         raise ValueError(f"unknown fuzz op {k!r}")
 
 
@@ -152,29 +152,33 @@ def _shape_op(x: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class FuzzNet(nn.Module):
-    """The model a spec describes: inputs ``x`` (and ``in2``), ops in order, outputs."""
+    """The model a spec describes: input ``x``, ops in order, outputs. Traceable by torch.fx (the
+    spec's choices are Python, not tensor, control flow), so the converter's default capture runs."""
 
     def __init__(self, spec: dict):
         super().__init__()
         self.spec = copy.deepcopy(spec)
-        ch = spec["inputs"][0][1]
-        ops = []
-        for o in spec["ops"]:
-            ops.append(Op(o, o.get("ch", ch)))
-        self.ops = nn.ModuleList(ops)
+        self.ops = nn.ModuleList(Op(o, o["ch"]) for o in spec["ops"])
 
-    def forward(self, x, *rest):
-        env: dict[str, Any] = {"side": []}
-        if rest:
-            env["in2"] = rest[0]
+    def run(self, x: torch.Tensor, env: dict) -> Any:
         for op in self.ops:
             x = op(x, env)
         outs = [x, *env["side"]]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def forward(self, x):
+        return self.run(x, {"side": []})
+
+
+class FuzzNet2(FuzzNet):
+    """A spec with a second input ``in2``."""
+
+    def forward(self, x, in2):
+        return self.run(x, {"side": [], "in2": in2})
+
 
 def build(spec: dict) -> FuzzNet:
-    return FuzzNet(spec).eval()
+    return (FuzzNet2 if len(spec["inputs"]) > 1 else FuzzNet)(spec).eval()
 
 
 def sample_inputs(spec: dict, seed: int, batch: int | None = None, scale: float = 1.0) -> list[torch.Tensor]:

@@ -16,14 +16,8 @@ SEED, N_GRAPHS = 12, 150
 EVERY = 30  # graphs 0, 30, 60, ...: also .keras reload and fp32 TFLite
 
 # Graphs of this seed that fail from bugs outside this test's reach, by category: each must still
-# fail so (strict), and is listed in the fuzz report for its owner. Empty when all are fixed.
-# Found 2026-12-02 (see the fuzz report): the converted model fails at another batch size than the sample's.
-KNOWN: dict[int, str] = {
-    43: "crash:keras-run:InvalidArgumentError",  # LayerNorm -> nn.MultiheadAttention (op_rules/attention.py)
-    45: "crash:keras-run:InvalidArgumentError",  # nn.RNN alone, sample batch 1 (op_rules/recurrent.py)
-    48: "crash:keras-run:InvalidArgumentError",  # nn.MultiheadAttention, sample batch 1
-    133: "crash:keras-run:InvalidArgumentError",  # nn.LSTM/GRU/RNN, sample batch 1
-}
+# fail so (strict), and is listed in the fuzz report for its owner. Empty: all 150 pass today.
+KNOWN: dict[int, str] = {}
 
 
 @pytest.fixture(scope="module")
