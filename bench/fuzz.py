@@ -87,6 +87,8 @@ def check_graph(spec: dict, tflite: bool = False, reload: bool = False) -> tuple
     km, lin, lout = result.keras_model, result.input_layouts, result.output_layouts
     trials = [sample_inputs(spec, 2, batch=3), sample_inputs(spec, 3, scale=4.0)]
     for inputs in trials:
+        if not _torch_runs(model, inputs):
+            continue  # a model that runs only at the sample's batch size (x (1, C, H) + y (1, C, H, W)): no trial
         try:
             got = run_keras(km, [x.numpy() for x in inputs], lin, lout)
         except Exception as exc:  # noqa: BLE001
@@ -103,6 +105,15 @@ def check_graph(spec: dict, tflite: bool = False, reload: bool = False) -> tuple
         if found:
             return "tflite", found
     return "ok", ""
+
+
+def _torch_runs(model: torch.nn.Module, inputs: list[torch.Tensor]) -> bool:
+    try:
+        with torch.no_grad():
+            model(*[x.clone() for x in inputs])
+    except Exception:  # noqa: BLE001  (PyTorch itself rejects this batch size)
+        return False
+    return True
 
 
 def _check_reload(km: Any, inputs: list[torch.Tensor], lin: list, lout: list) -> str | None:
