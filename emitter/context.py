@@ -125,8 +125,12 @@ class Emit:
             return x
         axes = [have.perm.index(d) for d in want.perm]
         moved = [d for d in want.perm if shape[d] != 1 or d == 0]
-        if moved == [d for d in have.perm if shape[d] != 1 or d == 0] and axes[0] == 0:
-            return keras.ops.reshape(x, (-1, *[shape[d] for d in want.perm[1:]]))  # only unit axes move
+        if moved == [d for d in have.perm if shape[d] != 1 or d == 0] and axes[0] == 0:  # only unit axes move
+            dynamic = [d for d in want.perm[1:] if x.shape[have.perm.index(d)] is None]  # tracer/dynamic.py
+            if len(dynamic) == 1:
+                return keras.layers.Reshape(tuple(-1 if d in dynamic else shape[d] for d in want.perm[1:]))(x)
+            if not dynamic:
+                return keras.ops.reshape(x, (-1, *[shape[d] for d in want.perm[1:]]))
         self.transposes.append(reason)
         return keras.ops.transpose(x, axes)
 

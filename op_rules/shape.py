@@ -47,7 +47,20 @@ def reshape(node: OpNode, ctx: Emit) -> Any:
                                   "which a Keras model keeps as its batch axis")
     if tuple(x.shape[1:]) == tuple(target[1:]):
         return x
+    dynamic = _dynamic_keras_axes(node, ctx)  # one axis whose size follows a dynamic input axis (tracer/dynamic.py)
+    if dynamic is not None and in_shape[0] == node.shape[0]:
+        return keras.layers.Reshape(tuple(-1 if i == dynamic else t for i, t in enumerate(target) if i))(x)
     return keras.ops.reshape(x, (-1, *target[1:]))
+
+
+def _dynamic_keras_axes(node: OpNode, ctx: Emit) -> int | None:
+    """The Keras axis (besides the batch) of the result whose size follows a dynamic axis, or None."""
+    axes = set(ctx.graph.graph.get("dynamic_dims", {}).get(node.name, ())) - {0}
+    if len(axes) != 1:
+        return None
+    phys = node.layout
+    order = [*phys.perm[:-1], node.rank - 1] if phys.flat is not None else list(phys.perm)
+    return order.index(axes.pop())
 
 
 def _moves_batch(in_shape: tuple, out_shape: tuple) -> bool:
@@ -195,7 +208,9 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
             for i in per_axis]
     y = L.strided_slice(x, spec) if any(s != [None, None, None] for s in spec) else x
     drop = [a for a, i in enumerate(per_axis) if isinstance(i, int)]
-    if drop:
+    if drop and any(y.shape[a] is None for a in drop):  # a dynamic axis (tracer/dynamic.py): index it directly
+        y = x[tuple(i if isinstance(i, int) else slice(i.start, i.stop, i.step) for i in per_axis)]
+    elif drop:
         y = keras.ops.squeeze(y, axis=tuple(drop))
     for axis in _new_axes(index):  # ascending, so each lands at its final position
         y = keras.ops.expand_dims(y, axis)

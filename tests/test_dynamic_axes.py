@@ -128,15 +128,39 @@ def test_lstm_over_dynamic_time_refused_for_tflite():
         _convert(RNNStack(), torch.randn(2, 6, 8), {1: "time"}, tflite=("fp32",))
 
 
-def test_crnn_time_flatten_refused_naming_the_line():
-    """CRNN's ``x.permute(0, 3, 1, 2).flatten(2)`` keeps time as a reshape axis, which the reshape rule
-    sets from the sample's sizes: refused with the axis, the op and the line, not converted wrongly."""
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_crnn_dynamic_time(pool):
+    """CRNN's ``x.permute(0, 3, 1, 2).flatten(2)`` keeps time as the one reshape axis Keras infers (-1)."""
     torch.manual_seed(5)
-    model = randomize_bn(crnn_kws.build(), seed=5)
+    model = randomize_bn(crnn_kws.build(pool=pool), seed=5)
+    result = _convert(model, torch.randn(1, 1, 40, 100), {3: "time"})
+    assert tuple(result.keras_model.inputs[0].shape) == (None, 1, 40, None)
+    _assert_ok_at_sizes(result, ["time"])
+
+
+class FoldsTimeIntoBatch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).relu()
+
+
+def test_reshape_folding_a_dynamic_size_into_the_batch_converts():
+    torch.manual_seed(10)
+    result = _convert(FoldsTimeIntoBatch(), torch.randn(2, 5, 3), {1: "t"})
+    _assert_ok_at_sizes(result, ["t"])
+    assert [t.outputs[0].shape for t in result.report.trials if "=" in t.label] == [(20, 3), (14, 3)]
+
+
+class TwoDynamicReshapeAxes(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], x.shape[2], 1) * 2  # the reshape line
+
+
+def test_reshape_with_two_dynamic_axes_refused():
+    torch.manual_seed(11)
     with pytest.raises(ConversionError) as err:
-        _convert(model, torch.randn(1, 1, 40, 100), {3: "time"})
+        _convert(TwoDynamicReshapeAxes(), torch.randn(2, 5, 6), {1: "h", 2: "w"})
     text = str(err.value)
-    assert "dynamic axis 'time'" in text and "crnn_kws.py:51" in text and "flatten" in text
+    assert "the reshape line" in text and "all change size" in text and "dynamic axes h, w" in text
 
 
 def test_token_model_arange_positions_refused_naming_the_line():

@@ -112,13 +112,14 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
         how = graph.graph.get("capture", {"method": capture})
         if how["method"] != "fx" and capture != "export":
             say(f"captured with {how['method']} instead: {how['reason']}")
+        dynamic_dims = {}
         if dims:
             with say.stage("capture", "again at other sizes of " + ", ".join(d.name for d in dims)):
-                check_dynamic(graph, dims, lambda xs: capture_graph(model, xs, has_module_rule, method=how["method"]),
-                              inputs)
+                dynamic_dims = check_dynamic(graph, dims, lambda xs: capture_graph(
+                    model, xs, has_module_rule, method=how["method"]), inputs)
         with say.stage("passes"):
             graph = run_passes(graph, channels_last_io, fold_bn)
-        graph.graph["dynamic_axes"] = placeholder_axes(graph, dims)
+        graph.graph.update(dynamic_axes=placeholder_axes(graph, dims), dynamic_dims=dynamic_dims)
         n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
         with say.stage("emission", f"Keras for {n_nodes} operations"):
             keras_model, ctx = build_model(graph, name=type(model).__name__, progress=say.advance)

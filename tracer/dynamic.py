@@ -144,10 +144,11 @@ def placeholder_axes(graph: nx.DiGraph, dims: Sequence[DynamicAxis]) -> dict[str
 
 
 def check_dynamic(graph: nx.DiGraph, dims: Sequence[DynamicAxis], recapture: Callable[[tuple], nx.DiGraph],
-                  inputs: Sequence[torch.Tensor]) -> None:
+                  inputs: Sequence[torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Capture again per dynamic name at another size and refuse (one error) what would bake the sample's size.
-    Records the placeholders' dynamic axes in ``graph.graph["dynamic_axes"]``."""
+    Returns node name -> the torch axes of its result whose size follows a dynamic axis (``dynamic_dims``)."""
     problems: list[str] = []
+    changed: dict[str, set[int]] = {}
     for d in dims:
         others = d.others()
         if not others:
@@ -157,20 +158,26 @@ def check_dynamic(graph: nx.DiGraph, dims: Sequence[DynamicAxis], recapture: Cal
             other = recapture(resized(inputs, d, others[0]))
         except CaptureError as exc:
             raise ConversionError(f"dynamic axis {d.name!r}: the model fails in PyTorch at {d.name}={others[0]} "
-                                  f"(sample {d.size}): {exc}. Give the axis a range it runs in "
+                                  f"(sample {d.size}): {str(exc).splitlines()[0]}. Give the axis a range it runs in "
                                   "(torch.export.Dim(name, min=.., max=..)) or keep it static") from exc
-        problems += compare_graphs(graph, other, d, others[0])
+        problems += compare_graphs(graph, other, d, others[0], changed)
+    for n in ordered(graph):
+        if n.target in _RESHAPES and len(changed.get(n.name, set()) - {0}) > 1:
+            problems.append(f"dynamic axes {', '.join(d.name for d in dims)}: {n.describe()}: a reshape whose "
+                            f"result axes {sorted(changed[n.name])} all change size; Keras can infer one (-1)")
     if problems:
         lines = "\n".join(f"  {k}. {p}" for k, p in enumerate(dict.fromkeys(problems), 1))
         raise ConversionError(f"{len(problems)} operation(s) would fix a dynamic size to the sample's; nothing "
                               f"was converted:\n{lines}\nKeep those axes static (leave them out of dynamic_shapes / "
                               "--dynamic-axis), or compute the size from the tensor in a way that does not fold "
                               "it into a constant (x.flatten(1) after a global pool, a fixed-size pool, -1 in view)")
-    graph.graph["dynamic_axes"] = placeholder_axes(graph, dims)
+    return {name: tuple(sorted(axes)) for name, axes in changed.items()}
 
 
-def compare_graphs(graph: nx.DiGraph, other: nx.DiGraph, d: DynamicAxis, size: int) -> list[str]:
-    """What in ``graph`` (at the sample's size) differs from ``other`` (at ``size``) other than shapes."""
+def compare_graphs(graph: nx.DiGraph, other: nx.DiGraph, d: DynamicAxis, size: int,
+                   changed: dict[str, set[int]]) -> list[str]:
+    """What in ``graph`` (at the sample's size) differs from ``other`` (at ``size``) other than shapes;
+    ``changed`` gets the result axes of each node whose size differs."""
     at = f"dynamic axis {d.name!r} (sample {d.size}, tried {size})"
     a, b = ordered(graph), {n.name: n for n in ordered(other)}
     if [n.name for n in a] != [n.name for n in ordered(other)]:
@@ -180,6 +187,10 @@ def compare_graphs(graph: nx.DiGraph, other: nx.DiGraph, d: DynamicAxis, size: i
     problems = []
     for n in a:
         m = b[n.name]
+        if n.shape is not None and m.shape is not None and len(n.shape) == len(m.shape):
+            axes = {i for i, (p, q) in enumerate(zip(n.shape, m.shape)) if p != q}
+            if axes:
+                changed.setdefault(n.name, set()).update(axes)
         why = _difference(graph, other, n, m)
         if why:
             problems.append(f"{at}: {n.describe()}: {why}")
@@ -192,17 +203,26 @@ def _difference(graph: nx.DiGraph, other: nx.DiGraph, n: OpNode, m: OpNode) -> s
             return ("a constant computed from the size (torch.arange(T), a mask or position ids built from "
                     f"x.shape) has shape {_shape(n.value)} at the sample's size and {_shape(m.value)} at the other")
         return None
+    if n.target in _RESHAPES:  # the rule reads the recorded shape, with the dynamic axis as -1
+        return _reshape_difference(graph, other, n, m)
     if _key(n.args) != _key(m.args) or _key(n.kw) != _key(m.kw):
         return (f"its arguments hold the size: {_show(n)} at the sample's size, {_show(m)} at the other; "
                 "the Keras rule would keep the sample's numbers")
-    if n.target in _RESHAPES and n.shape and m.shape and n.shape[1:] != m.shape[1:]:
-        return (f"a reshape whose result changes size beyond the batch axis ({n.shape} -> {m.shape}); "
-                "its rule sets the sample's sizes")
     if n.target in _ADAPTIVE and n.inputs and n.shape and any(s != 1 for s in n.shape[2:]):
         src_n, src_m = graph.nodes[n.inputs[0]]["op"], other.nodes[n.inputs[0]]["op"]
         if src_n.shape != src_m.shape:
             return (f"adaptive pooling to the fixed size {n.shape[2:]} from a dynamic input is not exact in "
                     "Keras (its windows depend on the input size); only output size 1 (global pooling) is")
+    return None
+
+
+def _reshape_difference(graph: nx.DiGraph, other: nx.DiGraph, n: OpNode, m: OpNode) -> str | None:
+    if not (n.shape and m.shape and n.inputs) or n.shape[1:] == m.shape[1:]:
+        return None
+    src_n, src_m = graph.nodes[n.inputs[0]]["op"], other.nodes[n.inputs[0]]["op"]
+    if len(n.shape) != len(m.shape) or not src_n.shape or src_n.shape[0] != n.shape[0] or src_m.shape[0] != m.shape[0]:
+        return (f"a reshape that moves a dynamic size into another axis or the batch ({n.shape} -> {m.shape}); "
+                "its rule sets the sample's sizes")
     return None
 
 
