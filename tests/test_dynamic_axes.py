@@ -20,7 +20,8 @@ class ResNetStyle(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                               nn.Conv2d(8, 8, 3, padding=1))
         self.b = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
         self.proj = nn.Conv2d(8, 16, 1, stride=2)
         self.pool = nn.MaxPool2d(2, ceil_mode=True)
@@ -105,10 +106,10 @@ def test_resnet_style_channels_last_io_shares_one_size_keras_and_litert():
     _assert_ok_at_sizes(result, ["side"])
 
 
-def test_repvgg_a0_dynamic_hw():
+def test_repvgg_a0_dynamic_hw_keras_and_litert():
     model = randomize_bn(repvgg.build_a0(num_classes=10), seed=3)
     torch.manual_seed(3)
-    result = _convert(model, torch.randn(1, 3, 32, 32), {2: "h", 3: "w"})
+    result = _convert(model, torch.randn(1, 3, 32, 32), {2: "h", 3: "w"}, tflite=("fp32",))
     _assert_ok_at_sizes(result, ["h", "w"])
 
 
@@ -128,7 +129,7 @@ def test_lstm_over_dynamic_time_refused_for_tflite():
         _convert(RNNStack(), torch.randn(2, 6, 8), {1: "time"}, tflite=("fp32",))
 
 
-@pytest.mark.parametrize("pool", ["last", "mean"])
+@pytest.mark.parametrize("pool", ["last", pytest.param("mean", marks=pytest.mark.slow)])
 def test_crnn_dynamic_time(pool):
     """CRNN's ``x.permute(0, 3, 1, 2).flatten(2)`` keeps time as the one reshape axis Keras infers (-1)."""
     torch.manual_seed(5)
@@ -216,3 +217,41 @@ def test_batch_manifest_takes_dynamic_axis_option():
     from tracer.batch.manifest import _check_options, convert_actions
     got = _check_options({"dynamic_axis": ["0:2=h"]}, convert_actions(), lambda f, m: ValueError(f"{f}: {m}"))
     assert got == {"dynamic_axis": ["0:2=h"]}
+
+
+CLI_MODEL = '''
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+'''
+
+
+def test_cli_convert_with_dynamic_axes(tmp_path, capsys):
+    import json
+
+    import tensorflow as tf
+
+    from tracer.cli import EXIT_INPUT, EXIT_OK, main
+    path = tmp_path / "net.py"
+    path.write_text(CLI_MODEL)
+    out = tmp_path / "out"
+    code = main(["convert", f"{path}:Net", "--input-shape", "1,3,16,16", "--dynamic-axis", "0:2=h",
+                 "--dynamic-axis", "0:3=w", "--random-inputs", "1", "-o", str(out), "-q"])
+    assert code == EXIT_OK, capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    labels = [t["label"] for t in report["parity"]["trials"]]
+    assert report["parity"]["ok"] and labels[-4:] == ["h=32", "h=24", "w=32", "w=24"]
+    signature = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
+    assert [tuple(s.shape) for s in signature.structured_input_signature[1].values()] == [(None, 3, None, None)]
+    bad = main(["convert", f"{path}:Net", "--input-shape", "1,3,16,16", "--dynamic-axis", "0:0", "-o",
+                str(tmp_path / "bad")])
+    assert bad == EXIT_INPUT and "batch axis" in capsys.readouterr().err

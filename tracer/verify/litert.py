@@ -224,8 +224,8 @@ def _refuse_dynamic_loops(keras_model: Any) -> None:
     import keras
     from tracer.emitter.tflite import TFLiteExportError
 
-    loops = [layer.name for layer in keras_model.layers if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
-             and _time_is_dynamic(layer)]
+    recurrent = (keras.layers.RNN, keras.layers.Bidirectional)
+    loops = [layer.name for layer in keras_model.layers if isinstance(layer, recurrent) and _time_is_dynamic(layer)]
     if loops:
         raise TFLiteExportError(
             f"TFLite: the recurrent layer(s) {', '.join(loops)} run over a dynamic time axis; with builtin ops only "

@@ -302,7 +302,8 @@ def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.n
         trials.append((f"random{k}" + (f" (batch {batch})" if batch else ""),
                        random_like(shapes, dtypes, seed + k, batch, ranges)))
     trials += [(f"user{k}", list(x)) for k, x in enumerate(extra)]
-    trials += [(label, random_like(other, dtypes, seed + 100 + k, None, ranges)) for k, (label, other) in enumerate(sizes)]
+    trials += [(label, random_like(other, dtypes, seed + 100 + k, None, ranges))
+               for k, (label, other) in enumerate(sizes)]
     report = ParityReport(tolerance=tol, output_names=graph_output_names(graph))
     for label, inputs in trials:
         expected = _torch_trial(model, inputs, label, sample)
