@@ -89,7 +89,6 @@ def hf(model_cls: str, config_cls: str, inputs: Callable, key: Any = 0, **config
     def build() -> tuple:
         import transformers
         cfg = getattr(transformers, config_cls)(**config)
-        cfg.return_dict = False
         model = getattr(transformers, model_cls)(cfg)
         return Main(model, key), inputs()
     return build
@@ -100,8 +99,8 @@ def hf_whisper_encoder() -> tuple:
     import transformers
     cfg = transformers.WhisperConfig(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
                                      decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128,
-                                     num_mel_bins=40, max_source_positions=50, vocab_size=100)
-    cfg.return_dict = False
+                                     num_mel_bins=40, max_source_positions=50, vocab_size=100, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     encoder = transformers.WhisperModel(cfg).get_encoder()
     return Main(encoder, 0), torch.randn(1, 40, 100, generator=torch.Generator().manual_seed(0))
 
