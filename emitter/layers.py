@@ -47,6 +47,47 @@ def constant(one: Any, value: np.ndarray, name: str, trainable: bool = False) ->
     return out if is_float else ops.cast(out, dtype)
 
 
+def safe_add(a: Any, b: Any) -> Any:
+    """``a + b`` for two Keras tensors, never broadcast along the wrong axis.
+
+    Works around Keras 3.15 (TensorFlow backend, ``keras/src/backend/tensorflow/numpy.py``
+    ``add``): ``keras.ops.add(x1, x2)`` becomes ``tf.nn.bias_add`` whenever ``x2`` squeezes to
+    one axis whose size equals ``x1``'s axis 1 or last axis, and takes it as the last axis
+    whenever the sizes allow - so ``x + p`` with ``p`` (1, C, 1, 1) on (B, C, H, C) adds ``p``
+    along W, and a (B, C, L) + (1, C, 1) add becomes an NCHW BiasAdd that LiteRT cannot convert.
+    The operand that cannot squeeze to one axis goes second (addition commutes exactly); when
+    both can, ``a - (-b)`` (exact too). Delete when Keras' TF ``add`` checks the axis position.
+    """
+    order = add_order(tuple(a.shape), tuple(b.shape))
+    if order == "negate":
+        return ops.subtract(a, ops.negative(b))
+    return ops.add(b, a) if order == "swap" else ops.add(a, b)
+
+
+def add_order(a: tuple, b: tuple) -> str:
+    """"keep" when ``add(a, b)`` is safe as written, "swap" for ``add(b, a)``, else "negate".
+
+    Shapes are static (None where unknown: at run time such an axis may be 1)."""
+    if _bias_safe(a, b):
+        return "keep"
+    return "swap" if _bias_safe(b, a) else "negate"
+
+
+def _bias_safe(x1: tuple, x2: tuple) -> bool:
+    """Whether Keras' bias_add shortcut cannot misfire for ``add(x1, x2)`` at any run-time size."""
+    if len(x1) <= 1 or sum(1 for d in x2 if d is not None and d > 1) >= 2:
+        return True  # never a bias: x1 is a vector, or x2 keeps two axes after squeezing
+    if len(x1) == len(x2) == 2 and x1[-1] == x2[-1]:
+        return True  # (B, C) + (B, C): a bias on the last axis, the right one
+    if any(d is None for d in x2):
+        return False  # may squeeze to one axis at run time (batch 1)
+    if all(d == 1 for d in x2):
+        return True
+    # x2 is a fixed bias: right only as a trailing vector over x1's own last axis
+    n = max(x2)
+    return x2[-1] == n and len(x2) <= len(x1) and x1[-1] == n
+
+
 def pad(x: Any, pads: Sequence[tuple[int, int]], mode: str = "constant", value: float = 0.0) -> Any:
     """Padding with PyTorch's modes: constant (any value), reflect, replicate, circular.
 
@@ -128,6 +169,17 @@ def parse_axis_map(equation: str) -> int | None:
     return axis if out == src[:axis] + kernel[1] + src[axis + 1:] else None
 
 
+def _einsum_bias_safe(y: tuple, axis: int) -> bool:
+    """Whether Keras' bias_add shortcut adds EinsumDense's bias of ``y[axis]`` entries along ``axis``:
+    it takes the last axis when that has the size, else axis 1 when that has it, else plain broadcasting."""
+    n, first, last = y[axis], y[1], y[-1]
+    if first is None or last is None:
+        return False  # a dynamic size may equal the bias's at run time
+    if last == n:
+        return axis == len(y) - 1
+    return first != n or axis == 1
+
+
 def axis_map(x: Any, axis: int, kernel: np.ndarray, name: str, bias: np.ndarray | None = None,
              activation: Any = None, trainable: bool = False) -> Any:
     """``x`` with axis ``axis`` multiplied by ``kernel`` (in, out) (+ bias, activation): a built-in
@@ -136,14 +188,25 @@ def axis_map(x: Any, axis: int, kernel: np.ndarray, name: str, bias: np.ndarray 
     axis %= rank
     equation = axis_map_equation(rank, axis)
     out_shape = [*x.shape[1:axis], kernel.shape[1], *x.shape[axis + 1:]]
-    layer = keras.layers.EinsumDense(equation, output_shape=out_shape, activation=activation,
-                                     bias_axes="z" if bias is not None else None, name=name)
+    # EinsumDense adds its bias with keras.ops.add, whose bias_add shortcut (see safe_add) picks the
+    # wrong axis when the output's axis 1 or last axis has the bias's size: the bias is then a
+    # weight of its own, added by safe_add, and the activation follows it.
+    b_shape = (1,) * axis + (kernel.shape[1],) + (1,) * (rank - axis - 1)
+    separate = bias is not None and not _einsum_bias_safe((None, *out_shape), axis)
+    layer = keras.layers.EinsumDense(equation, output_shape=out_shape,
+                                     activation=None if separate else activation,
+                                     bias_axes="z" if bias is not None and not separate else None, name=name)
     y = layer(x)
     weights = [kernel.astype(np.float32)]
-    if bias is not None:
+    if bias is not None and not separate:
         weights.append(np.asarray(bias, np.float32).reshape(tuple(layer.bias.shape)))
     layer.set_weights(weights)
     layer.trainable = bool(trainable)
+    if separate:
+        b = constant(unit(x), np.asarray(bias, np.float32).reshape(b_shape), f"{name}_bias", trainable)
+        y = safe_add(y, b)
+        if activation is not None:
+            y = keras.layers.Activation(activation, name=f"{name}_act")(y)
     return y
 
 

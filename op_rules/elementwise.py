@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from tracer.emitter import layers as L
+from tracer.emitter.layers import add_order as _add_order, safe_add as add
 from tracer.emitter.context import Emit
 from tracer.op_rules.registry import Layout, register, rule
 from tracer.ir import OpNode, Ref
@@ -81,47 +82,6 @@ def _apply(node: OpNode, ctx: Emit, kname: str, a: Any, b: Any) -> Any:
         c = c if c.dtype == tensor.dtype else keras.ops.cast(c, tensor.dtype)
         return getattr(keras.ops, kname)(*((c, tensor) if const_first else (tensor, c)))
     return getattr(keras.ops, kname)(a, b)
-
-
-def add(a: Any, b: Any) -> Any:
-    """``a + b`` for two Keras tensors, never broadcast along the wrong axis.
-
-    Works around Keras 3.15 (TensorFlow backend, ``keras/src/backend/tensorflow/numpy.py``
-    ``add``): ``keras.ops.add(x1, x2)`` becomes ``tf.nn.bias_add`` whenever ``x2`` squeezes to
-    one axis whose size equals ``x1``'s axis 1 or last axis, and takes it as the last axis
-    whenever the sizes allow - so ``x + p`` with ``p`` (1, C, 1, 1) on (B, C, H, C) adds ``p``
-    along W, and a (B, C, L) + (1, C, 1) add becomes an NCHW BiasAdd that LiteRT cannot convert.
-    The operand that cannot squeeze to one axis goes second (addition commutes exactly); when
-    both can, ``a - (-b)`` (exact too). Delete when Keras' TF ``add`` checks the axis position.
-    """
-    order = _add_order(tuple(a.shape), tuple(b.shape))
-    if order == "negate":
-        return keras.ops.subtract(a, keras.ops.negative(b))
-    return keras.ops.add(b, a) if order == "swap" else keras.ops.add(a, b)
-
-
-def _add_order(a: tuple, b: tuple) -> str:
-    """"keep" when ``add(a, b)`` is safe as written, "swap" for ``add(b, a)``, else "negate".
-
-    Shapes are static (None where unknown: at run time such an axis may be 1)."""
-    if _bias_safe(a, b):
-        return "keep"
-    return "swap" if _bias_safe(b, a) else "negate"
-
-
-def _bias_safe(x1: tuple, x2: tuple) -> bool:
-    """Whether Keras' bias_add shortcut cannot misfire for ``add(x1, x2)`` at any run-time size."""
-    if len(x1) <= 1 or sum(1 for d in x2 if d is not None and d > 1) >= 2:
-        return True  # never a bias: x1 is a vector, or x2 keeps two axes after squeezing
-    if len(x1) == len(x2) == 2 and x1[-1] == x2[-1]:
-        return True  # (B, C) + (B, C): a bias on the last axis, the right one
-    if any(d is None for d in x2):
-        return False  # may squeeze to one axis at run time (batch 1)
-    if all(d == 1 for d in x2):
-        return True
-    # x2 is a fixed bias: right only as a trailing vector over x1's own last axis
-    n = max(x2)
-    return x2[-1] == n and len(x2) <= len(x1) and x1[-1] == n
 
 
 def scale(x: Any, factor: float, name: str) -> Any:

@@ -101,3 +101,37 @@ def test_axis_dense_exports_to_litert_without_transposes():
     result = tflite_parity(MixerBlock(12, 8).eval(), torch.randn(2, 12, 8))
     ops = result.tflite_reports["fp32"].ops
     assert "BATCH_MATMUL" in ops and "TRANSPOSE" not in ops, ops
+
+
+class TokenLinear(nn.Module):
+    """A Linear over axis 1 of (B, C, L): the output's axis 1 and last axis can have one size."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.fc = nn.Linear(c_in, c_out)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("c_in,c_out,length", [(5, 6, 6), (5, 7, 6), (4, 4, 4), (3, 5, 8)])
+def test_token_linear_bias_on_its_own_axis(c_in, c_out, length):
+    """Keras' EinsumDense adds its bias through keras.ops.add, whose bias_add shortcut adds a (C, 1) bias
+    along the last axis when that axis also has C entries (found by the fuzzer: off by 3.0); the bias
+    is then a weight of its own, added safely, and still trains like torch's."""
+    torch.manual_seed(0)
+    model = TokenLinear(c_in, c_out).eval()
+    with torch.no_grad():
+        model.fc.bias.mul_(10.0)  # a bias large enough that a wrong axis cannot hide in the tolerance
+    result = assert_converts(model, torch.randn(2, c_in, length))
+    report = check_gradients(model, result, [np.zeros((2, c_in, length), np.float32)], batch=4)
+    assert report.ok, report.summary()
+
+
+def test_linear_after_conv1d_keeps_its_bias_axis():
+    """The fuzzer's minimized graph 1164: Conv1d(replicate) -> Linear(10 -> 4) with 4 channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, padding=1, padding_mode="replicate"), nn.Linear(10, 4)).eval()
+    with torch.no_grad():
+        model[1].bias.mul_(10.0)
+    assert_converts(model, torch.randn(2, 4, 10))

@@ -74,12 +74,12 @@ class NodeDiff:
                 + (f"\n      {self.code}" if self.code else ""))
 
 
-GRADIENT_KINDS = ("gradient", "sgd_step", "bn_stats", "unmapped")  # problems found by tracer.verify.gradcheck
+GRADIENT_KINDS = ("gradient", "sgd_step", "bn_stats", "unmapped", "forward")  # problems found by tracer.verify.gradcheck
 CHECKS = {  # problem kind -> the check that found it, as the summary names it
     "tolerance": "per-node parity", "nonfinite": "per-node parity (NaN/Inf)", "shape": "per-node shapes",
     "constant_output": "input dependence", "capture": "captured graph", "saved_model": "model.keras reload",
     "tflite": "fp32 TFLite nodes", "gradient": "gradient parity", "sgd_step": "training step",
-    "bn_stats": "BatchNorm statistics", "unmapped": "gradient mapping",
+    "bn_stats": "BatchNorm statistics", "unmapped": "gradient mapping", "forward": "training-mode forward",
 }
 
 
