@@ -32,6 +32,7 @@ from tracer.fixes.tflite_conv3d import conv3d_for_litert
 from tracer.fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as_conv
 from tracer.fixes.tflite_erf import erf_builtin
 from tracer.fixes.tflite_high_rank_pad import high_rank_pad_as_3d
+from tracer.fixes.tflite_rnn_unroll import rnn_unrolled
 from tracer.errors import ConversionError, InputError, TracerError
 from tracer.ir import Phys
 
@@ -45,7 +46,7 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # callable for the ops LiteRT lacks or gets wrong, or None. They change the exported copy only.
 EXPORT_FIXES: tuple[Callable[[Any], Callable | None], ...] = (
     erf_builtin, axis_linear_map_matmul, dilated_conv_transpose_as_conv, conv3d_for_litert,
-    high_rank_pad_as_3d)
+    high_rank_pad_as_3d, rnn_unrolled)
 
 
 class TFLiteExportError(ConversionError):
