@@ -99,7 +99,7 @@ def permute(node: OpNode, ctx: Emit) -> Any:
 def _along_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     """cat/split: elementwise layouts, but not along a flattened axis (its ``flat`` record
     describes the whole axis, not pieces or concatenations of it)."""
-    rank = len(shapes[0])
+    rank = len(node.shape) if node.shape is not None else len(shapes[0])  # not an empty 1-D operand's
     req, out = same_layout(ins, [len(s) for s in shapes], rank)
     if out.flat is not None and node.kw.get("dim", 0) % rank == rank - 1:
         return [Phys.identity(len(s)) for s in shapes], Phys.identity(rank)
@@ -109,11 +109,18 @@ def _along_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
 @rule(torch.cat, torch.concat, torch.concatenate, layout=_along_layout)
 def cat(node: OpNode, ctx: Emit) -> Any:
     refs = node.kw.get("tensors", node.args[0])
-    parts = [ctx.tensor_input(node, ctx.index_of(node, r)) for r in refs if isinstance(r, Ref)]
+    # an empty constant adds nothing (GPT-2's empty key/value cache; torch also skips 1-D empty tensors)
+    idx = [i for i in (ctx.index_of(node, r) for r in refs if isinstance(r, Ref)) if not _empty_constant(ctx, node, i)]
+    parts = [ctx.tensor_input(node, i) for i in idx]
     if len(parts) == 1:
         return parts[0]
     dim = node.kw.get("dim", 0)
     return keras.layers.Concatenate(axis=ctx.axis(node, dim), name=ctx.name(node))(parts)
+
+
+def _empty_constant(ctx: Emit, node: OpNode, i: int) -> bool:
+    src = op(ctx.graph, node.inputs[i])
+    return src.is_constant and isinstance(src.value, torch.Tensor) and src.value.numel() == 0
 
 
 @rule(torch.stack, layout=Layout.TORCH)

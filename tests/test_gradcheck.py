@@ -1,6 +1,8 @@
 """Gradient parity: training-mode gradients, one SGD step and BatchNorm statistics, by parameter name."""
 from __future__ import annotations
 
+import re
+
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -392,7 +394,9 @@ BN = "stage2.1.rbr_dense.bn"  # a BatchNorm in the middle of RepVGG-A0
 @contextmanager
 def _bug(result, kind: str):
     """One bug injected into the converted Keras model's BatchNormalization ``BN``."""
-    (layer,) = [lay for lay in result.keras_model.layers if lay.name == BN]
+    # Keras makes layer names unique per process: another model converted earlier in this worker
+    # may already hold the name, and this one then carries a "_<n>" suffix
+    (layer,) = [lay for lay in result.keras_model.layers if re.fullmatch(re.escape(BN) + r"(_\d+)?", lay.name)]
     call = layer.call
     if kind == "eps":
         layer.epsilon = 1e-3

@@ -395,3 +395,20 @@ def test_channel_shuffle(shuffle):
 def test_channel_shuffle_of_a_sequence():
     seq = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ChannelShuffle(2))
     assert_converts(seq, torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(4)))
+
+
+class EmptyCache(nn.Module):
+    """GPT-2's key/value cache starts empty: cat of an empty constant adds nothing (torch also takes
+    a 1-D empty tensor beside any shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(0))
+
+    def forward(self, x):
+        return torch.cat([self.cache, x * 2.0], dim=2)
+
+
+def test_cat_skips_an_empty_constant():
+    torch.manual_seed(0)
+    assert_converts(EmptyCache().eval(), torch.randn(2, 3, 5, 4))
