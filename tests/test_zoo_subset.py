@@ -20,7 +20,7 @@ SUBSET = [
     ("mobilenetv3_small_100", 64, {}, 1),                      # hard-swish, squeeze-excite
     ("convnext_atto", 64, {}, 1),                              # LayerNorm2d over channels
     ("vit_tiny_patch16_224", 32, {"img_size": 32, "depth": 2}, 3),  # class token, fused qkv
-    ("mixer_s16_224", 32, {"img_size": 32, "depth": 2}, 5),    # token-mixing MLP over transposed tokens
+    ("mixer_s16_224", 32, {"img_size": 32}, 5),    # token-mixing MLP over transposed tokens
 ]
 
 
