@@ -193,7 +193,7 @@ def _pad(mode: str) -> Rewrite:
 
 # ---- the table ----------------------------------------------------------------------------
 
-def _ops(*names: str) -> tuple:
+def aten_ops(*names: str) -> tuple:
     """ATen overloads by "packet.overload" name; names this torch lacks are skipped."""
     out = []
     for name in names:
@@ -206,96 +206,96 @@ def _ops(*names: str) -> tuple:
 
 def _register_nn() -> None:
     """Convolution, linear, normalization, activations, softmax."""
-    alias(_ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"), F.conv2d)
-    alias(_ops("conv_transpose1d.input", "conv_transpose2d.input", "conv_transpose3d.input"), F.conv_transpose2d)
-    alias(_ops("convolution", "_convolution"), F.conv2d, _convolution)
-    alias(_ops("linear"), F.linear)
-    alias(_ops("t"), torch.transpose, _transpose_2d)
-    alias(_ops("batch_norm"), F.batch_norm)
-    alias(_ops("layer_norm"), F.layer_norm, cudnn_enable=None)
-    alias(_ops("group_norm"), F.group_norm, cudnn_enabled=None)
+    alias(aten_ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"), F.conv2d)
+    alias(aten_ops("conv_transpose1d.input", "conv_transpose2d.input", "conv_transpose3d.input"), F.conv_transpose2d)
+    alias(aten_ops("convolution", "_convolution"), F.conv2d, _convolution)
+    alias(aten_ops("linear"), F.linear)
+    alias(aten_ops("t"), torch.transpose, _transpose_2d)
+    alias(aten_ops("batch_norm"), F.batch_norm)
+    alias(aten_ops("layer_norm"), F.layer_norm, cudnn_enable=None)
+    alias(aten_ops("group_norm"), F.group_norm, cudnn_enabled=None)
     for names, target in [(("relu",), F.relu), (("gelu",), F.gelu), (("silu",), F.silu),
                           (("sigmoid",), torch.sigmoid), (("tanh",), torch.tanh),
                           (("hardtanh",), F.hardtanh), (("leaky_relu",), F.leaky_relu),
                           (("hardswish",), F.hardswish), (("hardsigmoid",), F.hardsigmoid),
                           (("softplus",), F.softplus), (("mish",), F.mish)]:
-        alias(_ops(*names), target)
-    alias(_ops("elu"), F.elu, _elu)
-    alias(_ops("selu"), F.selu)
-    alias(_ops("softmax.int", "_softmax"), F.softmax, half_to_float=None, dtype=None)
-    alias(_ops("log_softmax.int", "_log_softmax"), F.log_softmax, half_to_float=None, dtype=None)
+        alias(aten_ops(*names), target)
+    alias(aten_ops("elu"), F.elu, _elu)
+    alias(aten_ops("selu"), F.selu)
+    alias(aten_ops("softmax.int", "_softmax"), F.softmax, half_to_float=None, dtype=None)
+    alias(aten_ops("log_softmax.int", "_log_softmax"), F.log_softmax, half_to_float=None, dtype=None)
 
 
 def _register_arithmetic() -> None:
     """Elementwise arithmetic. In-place variants never reach the rules: capture functionalizes them."""
     for packet, target in [("add", torch.add), ("sub", torch.sub), ("mul", torch.mul), ("div", torch.div)]:
-        alias(_ops(f"{packet}.Tensor", f"{packet}.Scalar"), target)
-    alias(_ops("div.Tensor_mode", "div.Scalar_mode"), torch.div)
-    alias(_ops("rsub.Scalar", "rsub.Tensor"), torch.sub, _rsub)
-    alias(_ops("pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar"), torch.pow)
+        alias(aten_ops(f"{packet}.Tensor", f"{packet}.Scalar"), target)
+    alias(aten_ops("div.Tensor_mode", "div.Scalar_mode"), torch.div)
+    alias(aten_ops("rsub.Scalar", "rsub.Tensor"), torch.sub, _rsub)
+    alias(aten_ops("pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar"), torch.pow)
     for name, target in [("maximum", torch.maximum), ("minimum", torch.minimum), ("neg", torch.neg),
                          ("exp", torch.exp), ("log", torch.log), ("sqrt", torch.sqrt), ("rsqrt", torch.rsqrt),
                          ("abs", torch.abs), ("reciprocal", torch.reciprocal), ("sin", torch.sin),
                          ("cos", torch.cos), ("erf", torch.erf), ("floor", torch.floor), ("ceil", torch.ceil),
                          ("sign", torch.sign), ("log1p", torch.log1p), ("square", torch.square),
                          ("clamp", torch.clamp), ("clamp_min", torch.clamp_min), ("clamp_max", torch.clamp_max)]:
-        alias(_ops(name), target)
+        alias(aten_ops(name), target)
 
 
 def _register_shapes() -> None:
     """Reshapes, permutes, concatenation, indexing, identities."""
-    alias(_ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int",
+    alias(aten_ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int",
                "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze"), "reshape")
-    alias(_ops("permute"), "permute")
-    alias(_ops("transpose.int"), torch.transpose)
-    alias(_ops("cat"), torch.cat)
-    alias(_ops("stack"), torch.stack)
-    alias(_ops("split.Tensor", "split_with_sizes"), torch.split)
-    alias(_ops("chunk"), torch.chunk)
-    alias(_ops("slice.Tensor"), operator.getitem, _slice)
-    alias(_ops("select.int"), operator.getitem, _select)
-    alias(_ops("clone", "alias", "detach", "lift_fresh_copy", "contiguous"), "contiguous")
-    alias(_ops("dropout", "feature_dropout"), "contiguous", _dropout)
+    alias(aten_ops("permute"), "permute")
+    alias(aten_ops("transpose.int"), torch.transpose)
+    alias(aten_ops("cat"), torch.cat)
+    alias(aten_ops("stack"), torch.stack)
+    alias(aten_ops("split.Tensor", "split_with_sizes"), torch.split)
+    alias(aten_ops("chunk"), torch.chunk)
+    alias(aten_ops("slice.Tensor"), operator.getitem, _slice)
+    alias(aten_ops("select.int"), operator.getitem, _select)
+    alias(aten_ops("clone", "alias", "detach", "lift_fresh_copy", "contiguous"), "contiguous")
+    alias(aten_ops("dropout", "feature_dropout"), "contiguous", _dropout)
 
 
 def _register_spatial() -> None:
     """Reductions, pooling, resizing, padding."""
-    alias(_ops("mean.dim", "mean"), torch.mean, _all_dims_if_empty(torch.mean))
-    alias(_ops("sum.dim_IntList", "sum"), torch.sum, _all_dims_if_empty(torch.sum))
-    alias(_ops("amax"), torch.amax, _all_dims_if_empty(torch.amax))
-    alias(_ops("amin"), torch.amin, _all_dims_if_empty(torch.amin))
-    alias(_ops("max_pool1d", "max_pool2d", "max_pool3d"), F.max_pool2d)
-    alias(_ops("avg_pool1d", "avg_pool2d", "avg_pool3d"), F.avg_pool2d)
-    alias(_ops("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+    alias(aten_ops("mean.dim", "mean"), torch.mean, _all_dims_if_empty(torch.mean))
+    alias(aten_ops("sum.dim_IntList", "sum"), torch.sum, _all_dims_if_empty(torch.sum))
+    alias(aten_ops("amax"), torch.amax, _all_dims_if_empty(torch.amax))
+    alias(aten_ops("amin"), torch.amin, _all_dims_if_empty(torch.amin))
+    alias(aten_ops("max_pool1d", "max_pool2d", "max_pool3d"), F.max_pool2d)
+    alias(aten_ops("avg_pool1d", "avg_pool2d", "avg_pool3d"), F.avg_pool2d)
+    alias(aten_ops("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
                "_adaptive_avg_pool3d"), F.adaptive_avg_pool2d)
     for n in (1, 2, 3):
-        alias(_ops(f"upsample_nearest{n}d.vec", f"upsample_nearest{n}d"), F.interpolate, _upsample("nearest", n))
-        alias(_ops(f"_upsample_nearest_exact{n}d.vec", f"_upsample_nearest_exact{n}d"), F.interpolate,
+        alias(aten_ops(f"upsample_nearest{n}d.vec", f"upsample_nearest{n}d"), F.interpolate, _upsample("nearest", n))
+        alias(aten_ops(f"_upsample_nearest_exact{n}d.vec", f"_upsample_nearest_exact{n}d"), F.interpolate,
               _upsample("nearest-exact", n))
-    alias(_ops("upsample_linear1d.vec", "upsample_linear1d"), F.interpolate, _upsample("linear", 1))
-    alias(_ops("upsample_bilinear2d.vec", "upsample_bilinear2d"), F.interpolate, _upsample("bilinear", 2))
-    alias(_ops("upsample_bicubic2d.vec", "upsample_bicubic2d"), F.interpolate, _upsample("bicubic", 2))
-    alias(_ops("upsample_trilinear3d.vec", "upsample_trilinear3d"), F.interpolate, _upsample("trilinear", 3))
-    alias(_ops("pad"), F.pad)
-    alias(_ops("constant_pad_nd"), F.pad, _pad("constant"))
-    alias(_ops("reflection_pad1d", "reflection_pad2d", "reflection_pad3d"), F.pad, _pad("reflect"))
-    alias(_ops("replication_pad1d", "replication_pad2d", "replication_pad3d"), F.pad, _pad("replicate"))
-    alias(_ops("pixel_shuffle"), F.pixel_shuffle)
-    alias(_ops("pixel_unshuffle"), F.pixel_unshuffle)
+    alias(aten_ops("upsample_linear1d.vec", "upsample_linear1d"), F.interpolate, _upsample("linear", 1))
+    alias(aten_ops("upsample_bilinear2d.vec", "upsample_bilinear2d"), F.interpolate, _upsample("bilinear", 2))
+    alias(aten_ops("upsample_bicubic2d.vec", "upsample_bicubic2d"), F.interpolate, _upsample("bicubic", 2))
+    alias(aten_ops("upsample_trilinear3d.vec", "upsample_trilinear3d"), F.interpolate, _upsample("trilinear", 3))
+    alias(aten_ops("pad"), F.pad)
+    alias(aten_ops("constant_pad_nd"), F.pad, _pad("constant"))
+    alias(aten_ops("reflection_pad1d", "reflection_pad2d", "reflection_pad3d"), F.pad, _pad("reflect"))
+    alias(aten_ops("replication_pad1d", "replication_pad2d", "replication_pad3d"), F.pad, _pad("replicate"))
+    alias(aten_ops("pixel_shuffle"), F.pixel_shuffle)
+    alias(aten_ops("pixel_unshuffle"), F.pixel_unshuffle)
 
 
 def _register_transformer_ops() -> None:
     """Registered when the torch-level rules of the transformer families exist."""
-    alias(_ops("matmul"), torch.matmul)
-    alias(_ops("scaled_dot_product_attention"), F.scaled_dot_product_attention)
-    alias(_ops("repeat"), "repeat", sizes=_From("repeats"))
-    alias(_ops("index_select"), torch.index_select)
-    alias(_ops("gather"), torch.gather, sparse_grad=None)
-    alias(_ops("where.self"), torch.where)
-    alias(_ops("masked_fill.Scalar", "masked_fill.Tensor"), torch.masked_fill)
-    alias(_ops("roll"), torch.roll)
-    alias(_ops("flip"), torch.flip)
-    alias(_ops("cumsum"), torch.cumsum)
+    alias(aten_ops("matmul"), torch.matmul)
+    alias(aten_ops("scaled_dot_product_attention"), F.scaled_dot_product_attention)
+    alias(aten_ops("repeat"), "repeat", sizes=_From("repeats"))
+    alias(aten_ops("index_select"), torch.index_select)
+    alias(aten_ops("gather"), torch.gather, sparse_grad=None)
+    alias(aten_ops("where.self"), torch.where)
+    alias(aten_ops("masked_fill.Scalar", "masked_fill.Tensor"), torch.masked_fill)
+    alias(aten_ops("roll"), torch.roll)
+    alias(aten_ops("flip"), torch.flip)
+    alias(aten_ops("cumsum"), torch.cumsum)
 
 
 # ---- written here: matrix products with a constant matrix, no-op expands, dtype casts ---------
@@ -384,9 +384,9 @@ def to_copy(node: OpNode, ctx: Emit) -> Any:
     return keras.ops.cast(x, dtype)
 
 
-register(_ops("addmm", "mm", "bmm", "baddbmm"), matrix_product, _mm_layout)
-register(_ops("expand"), expand, _expand_layout)
-register(_ops("_to_copy", "to.dtype", "to.dtype_layout", "to.device"), to_copy, Layout.ANY)
+register(aten_ops("addmm", "mm", "bmm", "baddbmm"), matrix_product, _mm_layout)
+register(aten_ops("expand"), expand, _expand_layout)
+register(aten_ops("_to_copy", "to.dtype", "to.dtype_layout", "to.device"), to_copy, Layout.ANY)
 for _register in (_register_nn, _register_arithmetic, _register_shapes, _register_spatial,
                   _register_transformer_ops):
     _register()

@@ -22,21 +22,11 @@ import numpy as np
 import torch
 
 from tracer.emitter.context import Emit
+from tracer.op_rules.aten import aten_ops
 from tracer.op_rules.registry import Layout, register
 from tracer.ir import OpNode, Ref
 
 aten = torch.ops.aten
-
-
-def _aten(*names: str) -> tuple:
-    """ATen overloads ("packet.overload"); names this torch lacks are skipped."""
-    out = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(aten, packet, None), overload or "default", None)
-        if op is not None:
-            out.append(op)
-    return tuple(out)
 
 
 def _pair(node: OpNode) -> tuple[Any, Any]:
@@ -129,16 +119,16 @@ _COMPARISONS = {
 }
 _LONG_METHODS = {"not_equal", "less", "less_equal", "greater", "greater_equal"}
 for _kname, (_short, _op, _fn, _long) in _COMPARISONS.items():
-    _targets = [_op, _fn, _short, *_aten(f"{_short}.Tensor", f"{_short}.Scalar")]
+    _targets = [_op, _fn, _short, *aten_ops(f"{_short}.Tensor", f"{_short}.Scalar")]
     if _long is not None:
         _targets += [_long, _kname]
     register(tuple(dict.fromkeys(_targets)), _compare(_kname), Layout.ANY)
 
 for _kind, _op in (("and", operator.and_), ("or", operator.or_), ("xor", operator.xor)):
     register((_op, getattr(torch, f"bitwise_{_kind}"), f"bitwise_{_kind}", f"__{_kind}__",
-              *_aten(f"bitwise_{_kind}.Tensor", f"bitwise_{_kind}.Scalar", f"__{_kind}__.Tensor",
+              *aten_ops(f"bitwise_{_kind}.Tensor", f"bitwise_{_kind}.Scalar", f"__{_kind}__.Tensor",
                      f"__{_kind}__.Scalar")), _bitwise(_kind), Layout.ANY)
-    register((getattr(torch, f"logical_{_kind}"), f"logical_{_kind}", *_aten(f"logical_{_kind}")),
+    register((getattr(torch, f"logical_{_kind}"), f"logical_{_kind}", *aten_ops(f"logical_{_kind}")),
              _logical(_kind), Layout.ANY)
 
 __all__: list[str] = []

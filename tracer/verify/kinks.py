@@ -25,6 +25,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tracer.verify.nodes import snapshot
+
 __all__ = ["Flip", "GatedRun", "Kink", "TIE", "decisions", "find_kinks"]
 
 TIE = 1e-4  # a flip is a tie when |float64 margin| <= TIE x max|value| of that tensor
@@ -288,13 +290,5 @@ class GatedRun(fx.Interpreter):
             if flip is not None and self.record:
                 self.flips.append(flip)
         if n.op not in ("output", "get_attr"):
-            self.values[n.name] = _snapshot(result)
+            self.values[n.name] = snapshot(result)
         return result
-
-
-def _snapshot(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().cpu().numpy().copy()
-    if isinstance(v, (tuple, list)):
-        return tuple(_snapshot(x) if isinstance(x, torch.Tensor) else None for x in v)
-    return None

@@ -37,15 +37,16 @@ class _Keep(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if n.op not in ("output", "get_attr"):
-            self.values[n.name] = _snapshot(result)
+            self.values[n.name] = snapshot(result)
         return result
 
 
-def _snapshot(v: Any) -> Any:
+def snapshot(v: Any) -> Any:
+    """A node's recorded value: a numpy copy of a tensor, a tuple of them, else None."""
     if isinstance(v, torch.Tensor):
         return v.detach().cpu().numpy().copy()
     if isinstance(v, (tuple, list)):
-        return tuple(_snapshot(x) if isinstance(x, torch.Tensor) else None for x in v)
+        return tuple(snapshot(x) if isinstance(x, torch.Tensor) else None for x in v)
     return None
 
 
