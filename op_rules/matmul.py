@@ -140,21 +140,37 @@ def _tensor(node: OpNode, ctx: Emit, ref: Ref) -> Any:
 # ---- einsum --------------------------------------------------------------------------------
 
 def _einsum_parts(node: OpNode) -> tuple[str, list]:
+    """The equation made explicit with lower-case labels (:func:`normalized_equation`), and the operands."""
     args = list(node.args)
     equation = args[0]
     operands = args[1:]
     if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
         operands = list(operands[0])
-    return equation.replace(" ", ""), operands
+    return normalized_equation(equation), operands
+
+
+def normalized_equation(equation: str) -> str:
+    """``equation`` without spaces, with its output written out (torch's implicit output: the labels
+    used once, in ASCII order, after ``...``) and its labels renamed to ``a``, ``b``, ... in order of first
+    use: torch takes upper- and lower-case labels, Keras' einsum shape inference only lower case
+    (keras.src.ops.numpy.Einsum in Keras 3.15: torchvision's maxvit_t writes ``"B G H I D, ..."``)."""
+    equation = equation.replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    if not arrow:
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    labels = list(dict.fromkeys(c for c in lhs + rhs if c.isalpha()))
+    if len(labels) > 26:
+        raise NotImplementedError(f"einsum equation {equation!r} uses {len(labels)} index labels; Keras' einsum "
+                                  "takes at most 26 (a-z): split it into two einsums")
+    rename = {c: chr(ord("a") + k) for k, c in enumerate(labels)}
+    return "".join(rename.get(c, c) for c in f"{lhs}->{rhs}")
 
 
 def _subscripts(equation: str) -> tuple[list[str], str]:
-    lhs, arrow, rhs = equation.partition("->")
-    ins = lhs.split(",")
-    if not arrow:  # implicit output: the labels that appear once, sorted
-        letters = [c for c in lhs if c.isalpha()]
-        rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
-    return ins, rhs
+    """Operand and output subscripts of an explicit equation (:func:`normalized_equation`)."""
+    lhs, _, rhs = equation.partition("->")
+    return lhs.split(","), rhs
 
 
 def _einsum_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:

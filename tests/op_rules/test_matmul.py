@@ -116,6 +116,18 @@ EINSUMS = [
     case(lambda m, x: torch.einsum("bchw->bhwc", m.conv(x)), (B, 3, 4, 5), id="map_to_nhwc"),
     case(lambda m, x: torch.einsum("bchw,bc->bhw", m.conv(x), m.conv(x).mean((2, 3))), (B, 3, 4, 5), id="map_gate"),
     case(lambda m, x: torch.einsum("bchw,bcij->bhwij", m.conv(x), m.conv(x)), (B, 3, 3, 2), id="two_maps"),
+    # torch takes upper-case labels too (Keras' einsum shape inference only lower case)
+    case(lambda m, a, b: torch.einsum("B G P D, B G Q D -> B G P Q", a, b), (B, 2, L, D), (B, 2, 3, D),
+         id="upper_case_spaces"),
+    case(lambda m, a, b: torch.einsum("BGHID,BGHJD->BGHIJ", a, b), (B, 2, 2, L, 4), (B, 2, 2, 3, 4),
+         id="upper_case_maxvit_scores"),
+    case(lambda m, a, b: torch.einsum("bIj,bjK", a, b), (B, L, D), (B, D, 3), id="mixed_case_implicit_output"),
+    case(lambda m, a: torch.einsum("zAb->bAz", a), (B, L, D), id="mixed_case_transpose"),
+    case(lambda m, a: torch.einsum("aZb", a), (B, L, D), id="implicit_ascii_order"),  # torch: upper first, "Zab"
+    case(lambda m, a, b: torch.einsum("...IJ,...JK->...IK", a, b), (B, 2, L, D), (B, 2, D, 3),
+         id="upper_case_ellipsis"),
+    case(lambda m, x: torch.einsum("BCHW,BC->BHW", m.conv(x), m.conv(x).mean((2, 3))), (B, 3, 4, 5),
+         id="upper_case_map_gate"),
 ]
 
 
