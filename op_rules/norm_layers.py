@@ -11,6 +11,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -92,10 +93,15 @@ def _group_normalization(node: OpNode, ctx: Emit, groups: int, gamma: Any, beta:
     return y
 
 
-@rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm, layout=Layout.CHANNELS_LAST)
+@rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm, torch.ops.aten.instance_norm.default,
+      layout=Layout.CHANNELS_LAST)
 def instance_norm(node: OpNode, ctx: Emit) -> Any:
     """Per-sample, per-channel statistics (GroupNormalization with one group per channel); with
-    tracked running statistics in eval mode, those (BatchNormalization)."""
+    tracked running statistics in eval mode, those (BatchNormalization).
+
+    ``aten.instance_norm`` (torch.export's capture) has F.instance_norm's argument names; kept as
+    one op here, since torch's decomposition of it (a batch norm over a (1, B*C, ...) view) has
+    no Keras equivalent."""
     channels = node.shape[1]
     if node.module is not None:
         running = node.module.track_running_stats

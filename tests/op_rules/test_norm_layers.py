@@ -146,3 +146,20 @@ def test_norms_through_torch_export():
     assert result.facts()["capture"]["method"] == "torch.export"
     rules = result.facts()["ops_by_rule"]
     assert rules.get("aten_as_layer_norm") == 1 and rules.get("aten_as_group_norm") == 1, rules
+
+
+@pytest.mark.parametrize("dims, affine, track", [(1, False, False), (2, False, True), (3, True, False), (2, True, True)])
+def test_instance_norm_through_torch_export(dims, affine, track):
+    """aten.instance_norm stays one op (its decomposition, _native_batch_norm_legit.no_stats over a
+    (1, B*C, ...) view, was refused); running statistics randomized, parity at another batch size."""
+    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims]
+    model = randomize(ConvThen(cls(C, affine=affine, track_running_stats=track), lambda m, y: m.norm(y), dims)).eval()
+    result = convert_model(model, image(dims), capture="export", n_random=2, raise_on_mismatch=False)
+    assert result.report.ok, result.report.summary()
+    assert result.facts()["ops_by_rule"].get("instance_norm") == 1, result.facts()["ops_by_rule"]
+
+
+def test_instance_norm_as_the_whole_model():
+    """A bare nn.InstanceNorm2d: fx cannot trace its own forward (a shape check), torch.export can."""
+    model = randomize(nn.InstanceNorm2d(C, affine=False, track_running_stats=True))
+    assert_converts(model, torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(2)) * 3 + 1)
