@@ -3,6 +3,8 @@ LSTM / GRU / SimpleRNN, their cells in a Python loop, the time-axis indexing of 
 export and GRU gradients."""
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -257,3 +259,38 @@ class EncoderDecoder(nn.Module):
 def test_state_tuple_of_another_lstm(batch_first):
     torch.manual_seed(11)
     assert_converts(EncoderDecoder(batch_first).eval(), torch.randn(BATCH, STEPS, F_IN))
+
+
+class Whole(nn.Module):
+    """``return self.rnn(x)``: the RNN's result returned as is, ``(output, (h_n, c_n))`` nested for an LSTM."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x if self.rnn.batch_first else x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("kind, kw", [
+    pytest.param("LSTM", {"batch_first": True}, id="LSTM-bf"),
+    pytest.param("LSTM", {"num_layers": 2, "bidirectional": True}, id="LSTM-L2-bi-sf"),
+    pytest.param("LSTM", {"proj_size": 3, "batch_first": True}, id="LSTM-proj-bf"),
+    pytest.param("GRU", {"batch_first": True, "bidirectional": True}, id="GRU-bi-bf"),
+    pytest.param("RNN-tanh", {"num_layers": 2}, id="RNN-L2-sf"),
+])
+def test_whole_result_returned(kind, kw):
+    """The nested result is the model's output: Keras outputs flattened in torch's order, each compared."""
+    torch.manual_seed(12)
+    model = Whole(make_rnn(kind, **kw)).eval()
+    x = torch.randn(BATCH, STEPS, F_IN)
+    result = assert_converts(model, x)
+    with torch.no_grad():
+        out, state = model(x)
+    want = [out, *state] if isinstance(state, tuple) else [out, state]
+    got = [tuple(t.shape) for t in result.keras_model.outputs]
+    assert len(got) == len(want) == len(result.output_layouts), got
+    for g, w, layout in zip(got, want, result.output_layouts):  # None: the batch axis, wherever it is
+        assert all(a is None or a == b for a, b in zip(g, layout.keras_shape(tuple(w.shape)))), (g, w.shape)
+    labels = set(re.findall(r" output (\S+) \(", result.report.summary()))
+    assert labels == ({"0", "1.0", "1.1"} if kind == "LSTM" else {"0", "1"}), result.report.summary()

@@ -238,8 +238,12 @@ def _make_node(n: fx.Node, result: Any, is_const: bool, folded: dict, modules: d
 def _tensor_meta(result: Any) -> dict:
     if isinstance(result, torch.Tensor):
         return {"shape": tuple(result.shape), "dtype": str(result.dtype).replace("torch.", "")}
+    def shapes(value: Any) -> Any:  # nested tuples (an LSTM's (output, (h_n, c_n))) as tuples of their shapes
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+        return tuple(shapes(v) for v in value) if isinstance(value, (tuple, list)) and _has_tensor(value) else None
     if isinstance(result, (tuple, list)) and _has_tensor(result):
-        return {"structure": tuple(tuple(r.shape) if isinstance(r, torch.Tensor) else None for r in result)}
+        return {"structure": shapes(result)}
     return {}
 
 

@@ -65,21 +65,28 @@ def expand_tuple_outputs(graph: nx.DiGraph) -> nx.DiGraph:
         if not isinstance(v, Ref):
             return v
         src = op(graph, v.name)
-        if src.shape is not None or not src.structure or any(s is None for s in src.structure):
+        if src.shape is not None or not _all_tensors(src.structure):
             return v
+        return items(src, src.name)[0]
+
+    def items(src: OpNode, after: str) -> tuple[tuple, str]:
+        """getitem nodes for each element, placed after node ``after`` (nested tuples, an LSTM's
+        ``(h_n, c_n)``, expanded too); the refs and the last node placed."""
         refs = []
         for k, shape in enumerate(src.structure):
             name = f"{src.name}_item{k}"
             while name in graph:
                 name += "_"
+            nested = not all(isinstance(d, int) for d in shape)
             graph.add_node(name, **{OP: OpNode(
                 name=name, kind="call_function", target=operator.getitem, inputs=(src.name,),
-                args=(Ref(src.name), k), kw={"a": Ref(src.name), "b": k}, shape=tuple(shape),
-                module_path=src.module_path, source=src.source)})
+                args=(Ref(src.name), k), kw={"a": Ref(src.name), "b": k}, shape=None if nested else tuple(shape),
+                structure=tuple(shape) if nested else None, module_path=src.module_path, source=src.source)})
             graph.add_edge(src.name, name)
-            order.insert(order.index(src.name) + 1 + k, name)
-            refs.append(Ref(name))
-        return tuple(refs)
+            order.insert(order.index(after) + 1, name)
+            ref, after = items(op(graph, name), name) if nested else (Ref(name), name)
+            refs.append(ref)
+        return tuple(refs), after
 
     args = expand(out.args)
     inputs = tuple(dict.fromkeys(r.name for r in _refs(args)))
@@ -90,6 +97,12 @@ def expand_tuple_outputs(graph: nx.DiGraph) -> nx.DiGraph:
         graph.add_edge(src, out.name)
     update(graph, out.name, args=args, inputs=inputs)
     return graph
+
+
+def _all_tensors(structure: Any) -> bool:
+    """A (nested) tuple of tensor shapes, no other values in it."""
+    return bool(structure) and all(s is not None and (all(isinstance(d, int) for d in s) or _all_tensors(s))
+                                   for s in structure)
 
 
 def _refs(value: Any) -> list[Ref]:
