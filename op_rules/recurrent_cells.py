@@ -21,7 +21,7 @@ import torch.nn as nn
 from tracer.emitter.context import Emit, to_numpy
 from tracer.ir import OpNode
 from tracer.op_rules.common import call_with_weights
-from tracer.op_rules.recurrent import state_inputs, torch_weights
+from tracer.op_rules.recurrent_io import state_inputs, torch_weights
 from tracer.op_rules.registry import Layout, rule
 
 # the Keras layers made for each torch cell, per conversion: every call of the cell shares them
