@@ -33,6 +33,7 @@ from tracer.fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as
 from tracer.fixes.tflite_erf import erf_builtin
 from tracer.fixes.tflite_high_rank_pad import high_rank_pad_as_3d
 from tracer.fixes.tflite_rnn_unroll import rnn_unrolled
+from tracer.fixes.tflite_rnn_while import rnn_while_loop
 from tracer.errors import ConversionError, InputError, TracerError
 from tracer.ir import Phys
 
@@ -46,7 +47,7 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # callable for the ops LiteRT lacks or gets wrong, or None. They change the exported copy only.
 EXPORT_FIXES: tuple[Callable[[Any], Callable | None], ...] = (
     erf_builtin, axis_linear_map_matmul, dilated_conv_transpose_as_conv, conv3d_for_litert,
-    high_rank_pad_as_3d, rnn_unrolled)
+    high_rank_pad_as_3d, rnn_while_loop, rnn_unrolled)
 
 
 class TFLiteExportError(ConversionError):
@@ -60,7 +61,8 @@ class CalibrationError(InputError):
 def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool = False,
                   allow_flex: bool = False, *, random_calibration: bool = False,
                   input_layouts: Sequence[Phys] | None = None, calib_limit: int = CALIB_LIMIT,
-                  fixes: Sequence[Callable[[Any], Callable | None]] = EXPORT_FIXES) -> bytes:
+                  fixes: Sequence[Callable[[Any], Callable | None]] = EXPORT_FIXES,
+                  sample_shapes: Sequence[tuple] | None = None) -> bytes:
     """Convert ``keras_model`` to a ``.tflite`` flatbuffer and return its bytes.
 
     Args:
@@ -79,6 +81,8 @@ def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool 
             ``keras_model.tracer_result``, else PyTorch's layout).
         fixes: export fixes (see :data:`EXPORT_FIXES`); they rewrite a weight-sharing copy of
             the model, never the model itself.
+        sample_shapes: int8 only: the sample's input shapes (PyTorch layout): the sizes of dynamic
+            axes for random calibration and images (real ``.npy`` samples may have any size there).
     """
     import tensorflow as tf
 
@@ -86,7 +90,8 @@ def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool 
     layouts = list(input_layouts if input_layouts is not None else _layouts_of(keras_model))
     representative = None
     if kind == "int8":
-        representative = calibration_dataset(keras_model, calib, layouts, random_calibration, calib_limit)
+        representative = calibration_dataset(keras_model, calib, layouts, random_calibration, calib_limit,
+                                             sample_shapes)
     exported, applied = with_export_fixes(keras_model, fixes)
     if applied:
         log.info("TFLite export fixes: %s", "; ".join(applied))
@@ -241,11 +246,18 @@ def check_options(kinds: Sequence[str], calib: Any = None, int8_io: bool = False
 
 
 def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], random_calibration: bool,
-                        limit: int = CALIB_LIMIT) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
-    """A representative_dataset callable yielding {input name: sample} in the Keras model's layouts."""
+                        limit: int = CALIB_LIMIT, sample_shapes: Sequence[tuple] | None = None
+                        ) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """A representative_dataset callable yielding {input name: sample} in the Keras model's layouts.
+    ``sample_shapes`` (PyTorch layout) give the sizes of dynamic axes for random and image samples;
+    real samples may have any size there."""
     check_options(["int8"], calib, random_calibration=random_calibration)
     names = [t.name for t in keras_model.inputs]  # the serving signature's input names
     torch_shapes = [_torch_shape(tuple(t.shape), p) for t, p in zip(keras_model.inputs, layouts)]
+    sizes = _fill_dynamic(torch_shapes, sample_shapes)
+    if calib is None and any(d is None for s in sizes for d in s[1:]):
+        raise CalibrationError("random int8 calibration over dynamic axes needs the sample's sizes "
+                               "(sample_shapes=); or pass calib= with real samples")
     if calib is None:
         warnings.warn("int8 calibration on random normal inputs (random_calibration=True): the quantization "
                       "ranges do not reflect real data, so the int8 model's accuracy is meaningless",
@@ -255,7 +267,7 @@ def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], r
 
     def dataset() -> Iterator[dict[str, np.ndarray]]:
         count = 0
-        for arrays in itertools.islice(calibration_samples(calib, torch_shapes, dtypes), limit):
+        for arrays in itertools.islice(calibration_samples(calib, torch_shapes, dtypes, sizes), limit):
             # by name: the converter's own input order need not be the Keras model's
             yield {n: np.ascontiguousarray(np.transpose(a, p.perm)) for n, a, p in zip(names, arrays, layouts)}
             count += 1
@@ -265,20 +277,31 @@ def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], r
     return dataset
 
 
-def calibration_samples(calib: Any, torch_shapes: Sequence[tuple],
-                        dtypes: Sequence[str] | None = None) -> Iterator[list[np.ndarray]]:
+def calibration_samples(calib: Any, torch_shapes: Sequence[tuple], dtypes: Sequence[str] | None = None,
+                        sizes: Sequence[tuple] | None = None) -> Iterator[list[np.ndarray]]:
     """One checked sample at a time, a list of (1, ...) arrays in PyTorch layout (random ones
-    of ``dtypes`` when ``calib`` is None). ``torch_shapes``: input shapes, batch first (any value)."""
+    of ``dtypes`` when ``calib`` is None). ``torch_shapes``: input shapes, batch first (any value),
+    None on a dynamic axis (any size); ``sizes``: the same with the sample's sizes there, for random
+    samples and images (default ``torch_shapes``)."""
+    sizes = list(sizes or torch_shapes)
     if calib is None:
         rng = np.random.default_rng(0)
         dts = list(dtypes or ["float32"] * len(torch_shapes))
         raw: Iterable = ([rng.integers(0, 2, (1, *s[1:])).astype(d) if not d.startswith("float")
-                          else rng.standard_normal((1, *s[1:])).astype(np.float32) for s, d in zip(torch_shapes, dts)]
+                          else rng.standard_normal((1, *s[1:])).astype(np.float32) for s, d in zip(sizes, dts)]
                          for _ in range(64))
     else:
-        raw = _source(calib, torch_shapes)
+        raw = _source(calib, sizes)
     for sample in raw:
         yield _check_sample(sample, torch_shapes)
+
+
+def _fill_dynamic(torch_shapes: list[tuple], sample_shapes: Sequence[tuple] | None) -> list[tuple]:
+    """Input shapes with the unknown sizes past the batch (dynamic axes) taken from the sample's shapes."""
+    if not sample_shapes or len(sample_shapes) != len(torch_shapes):
+        return torch_shapes
+    return [(s[0], *(d if d is not None else int(o) for d, o in zip(s[1:], tuple(o_s)[1:])))
+            if len(o_s) == len(s) else s for s, o_s in zip(torch_shapes, sample_shapes)]
 
 
 def _torch_shape(keras_shape: tuple, phys: Phys) -> tuple:
@@ -359,17 +382,28 @@ def _check_sample(sample: Any, torch_shapes: Sequence[tuple]) -> list[np.ndarray
     out = []
     for a, s in zip(arrays, torch_shapes):
         a = a[None] if a.ndim == len(s) - 1 else a
-        if a.ndim != len(s) or tuple(a.shape[1:]) != tuple(s[1:]):
+        if a.ndim != len(s) or any(d is not None and n != d for n, d in zip(a.shape[1:], s[1:])):
             raise CalibrationError(f"calibration sample of shape {a.shape} does not fit the input shape "
-                                   f"(N, {', '.join(str(d) for d in s[1:])}) (PyTorch layout)")
+                                   f"(N, {', '.join('any' if d is None else str(d) for d in s[1:])}) "
+                                   "(PyTorch layout; 'any' is a dynamic axis)")
         out.append(a.astype(np.float32) if a.dtype.kind == "f" else a)
     return out
 
 
 def op_counts(model_bytes: bytes) -> dict[str, int]:
-    """Operators in a flatbuffer by name, e.g. {"CONV_2D": 3, "FlexErf": 1}."""
-    from ai_edge_litert.interpreter import Interpreter
+    """Operators in a flatbuffer by name, over every subgraph (a WHILE's cond and body too), e.g.
+    {"CONV_2D": 3, "FlexErf": 1}: builtins by their schema name, custom ops by their code."""
+    from ai_edge_litert import schema_py_generated as schema
 
-    with quiet_native_logs():
-        ops = Interpreter(model_content=model_bytes)._get_ops_details()
-    return dict(sorted(Counter(o["op_name"] for o in ops).items()))
+    model = schema.Model.GetRootAsModel(model_bytes, 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())  # small codes live in the old field
+        custom = code.CustomCode()
+        codes.append(custom.decode() if builtin == schema.BuiltinOperator.CUSTOM and custom else
+                     names.get(builtin, str(builtin)))
+    counts = Counter(codes[graph.Operators(j).OpcodeIndex()] for g in range(model.SubgraphsLength())
+                     for graph in [model.Subgraphs(g)] for j in range(graph.OperatorsLength()))
+    return dict(sorted(counts.items()))

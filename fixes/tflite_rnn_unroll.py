@@ -10,7 +10,8 @@ The replacement runs the *same cell* (the same variables) in ``keras.layers.RNN(
 unroll=True)``: the time steps become plain MUL / ADD / LOGISTIC / TANH ops, the batch stays
 dynamic, and the result is the same computation. A ``Bidirectional`` wrapper is replaced by its
 two directions, the backward output flipped and concatenated as Keras does. The Keras model keeps
-its loop; delete this fix when the converter lowers Keras 3's loop (or fuses its LSTM).
+its loop; delete this fix when the converter lowers Keras 3's loop (or fuses its LSTM). Over a
+dynamic time axis (unknown length, so no unrolling) fixes/tflite_rnn_while.py applies instead.
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from typing import Any, Callable
 import keras
 from keras import ops
 
+from tracer.fixes.tflite_rnn_while import time_is_dynamic
+
 
 def _loops(layer: Any) -> bool:
     """A cell-based Keras RNN layer that runs a loop over time (and so needs unrolling)."""
     return isinstance(layer, keras.layers.RNN) and not layer.unroll and not layer.stateful and \
-        layer.built and getattr(layer, "cell", None) is not None
+        layer.built and getattr(layer, "cell", None) is not None and not time_is_dynamic(layer)
 
 
 def _unrolled(layer: Any) -> Any:
@@ -53,7 +56,8 @@ def _bidirectional(op: Any) -> Callable:
 def rnn_unrolled(operation: Any) -> Callable | None:
     """Export fix: a looping Keras RNN layer (or a concat ``Bidirectional`` of two) as its unrolled twin."""
     if isinstance(operation, keras.layers.Bidirectional):
-        if operation.merge_mode == "concat" and _loops(operation.forward_layer) and _loops(operation.backward_layer):
+        if operation.merge_mode == "concat" and not time_is_dynamic(operation) and \
+                _loops(operation.forward_layer) and _loops(operation.backward_layer):
             return _bidirectional(operation)
         return None
     if _loops(operation):

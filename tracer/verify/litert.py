@@ -167,9 +167,22 @@ class LiteRTReport:
                 line += " (on calibration samples: " + ", ".join(
                     "-" if a is None else f"{100 * a:.1f}%" for a in calib) + ")"
         line += f"  ({self.size_bytes:,} bytes)"
+        by_size = self.errors_by_size()
+        if len(by_size) > 1:
+            line += "\n  per size: " + ", ".join(f"{label} max abs {err:.3e}" for label, err in by_size.items())
         if not self.strict and self.advice():
             line += "\n" + self.advice()
         return line if self.ok else line + "\n" + self.parity.summary()
+
+    def errors_by_size(self) -> dict[str, float]:
+        """Max abs error at the sample's size and at each other size of a dynamic axis ({} without any):
+        {"sample": ..., "time=200": ...}; the sample's size holds every trial not at another size."""
+        sized = {t.label: max((o.max_abs for o in t.outputs), default=0.0) for t in self.parity.trials
+                 if "=" in t.label}
+        if not sized:
+            return {}
+        rest = max((o.max_abs for t in self.parity.trials if "=" not in t.label for o in t.outputs), default=0.0)
+        return {"sample": rest, **sized}
 
     def to_dict(self) -> dict:
         judged = {} if self.strict else dict(zip(("judgement", "relative_error", "judged_on"), self.judgement()),
@@ -177,7 +190,8 @@ class LiteRTReport:
         return {"kind": self.kind, "strict": self.strict, "ok": self.ok, **judged, "max_abs": self.parity.max_abs,
                 "max_rel": self.parity.max_rel, "top1_agreement": self.top1_agreement,
                 "top1_by_trial": self.top1_by_trial, "calib_trial": self.calib_trial,
-                "size_bytes": self.size_bytes, "ops": self.ops, "parity": self.parity.to_dict()}
+                "size_bytes": self.size_bytes, "ops": self.ops, "errors_by_size": self.errors_by_size(),
+                "parity": self.parity.to_dict()}
 
 
 def check_litert(model: torch.nn.Module, model_bytes: bytes, kind: str, sample: Sequence[np.ndarray],
@@ -218,26 +232,6 @@ def keras_input_names(keras_model: Any) -> list[str]:
     return [t.name for t in keras_model.inputs]
 
 
-def _refuse_dynamic_loops(keras_model: Any) -> None:
-    """A Keras LSTM / GRU over a dynamic time axis: builtin TFLite ops need its loop unrolled (tracer/fixes/
-    tflite_rnn_unroll.py), which needs a fixed length, so it is refused naming the layers."""
-    import keras
-    from tracer.emitter.tflite import TFLiteExportError
-
-    recurrent = (keras.layers.RNN, keras.layers.Bidirectional)
-    loops = [layer.name for layer in keras_model.layers if isinstance(layer, recurrent) and _time_is_dynamic(layer)]
-    if loops:
-        raise TFLiteExportError(
-            f"TFLite: the recurrent layer(s) {', '.join(loops)} run over a dynamic time axis; with builtin ops only "
-            "their loop is unrolled, which needs a fixed length. Keep the time axis static for TFLite (convert "
-            "once without dynamic_shapes / --dynamic-axis); the Keras model and SavedModel keep the dynamic time axis")
-
-
-def _time_is_dynamic(layer: Any) -> bool:
-    return any(len(node.input_tensors[0].shape) > 1 and node.input_tensors[0].shape[1] is None
-               for node in layer._inbound_nodes if node.input_tensors)
-
-
 CALIB_TRIAL = 8  # calibration samples added to the tester's inputs as one batch
 
 
@@ -251,7 +245,6 @@ def export_and_check(model: torch.nn.Module, keras_model: Any, kinds: Sequence[s
     """Export each TFLite kind and (``check``) run it against PyTorch on the tester's inputs, plus
     one batch of calibration samples when calibration data is given (``report.calib_trial``)."""
     check_options(kinds, calib, int8_io, random_calibration)
-    _refuse_dynamic_loops(keras_model)
     trials = list(extra)
     if calib is not None and check:
         first = list(itertools.islice(calibration_samples(calib, [x.shape for x in sample]), CALIB_TRIAL))
@@ -261,7 +254,8 @@ def export_and_check(model: torch.nn.Module, keras_model: Any, kinds: Sequence[s
     for kind in dict.fromkeys(kinds):
         say(f"exporting TFLite {kind}")
         files[kind] = export_tflite(keras_model, kind, calib if kind == "int8" else None, int8_io and kind == "int8",
-                                    allow_flex, random_calibration=random_calibration, input_layouts=in_layouts)
+                                    allow_flex, random_calibration=random_calibration, input_layouts=in_layouts,
+                                    sample_shapes=[tuple(x.shape) for x in sample])
         flex = [op for op in op_counts(files[kind]) if op.startswith("Flex")]
         if not check or flex:
             if flex:
