@@ -121,14 +121,6 @@ def test_lstm_gru_stack_dynamic_time_keras():
     assert [t.input_shapes[0][1] for t in result.report.trials if t.label.startswith("time=")] == [40, 30]
 
 
-def test_lstm_over_dynamic_time_refused_for_tflite():
-    """Builtin TFLite ops need the recurrent loop unrolled, which needs a fixed length: a clear refusal."""
-    from tracer.emitter.tflite import TFLiteExportError
-    torch.manual_seed(9)
-    with pytest.raises(TFLiteExportError, match="dynamic time axis"):
-        _convert(RNNStack(), torch.randn(2, 6, 8), {1: "time"}, tflite=("fp32",))
-
-
 @pytest.mark.parametrize("pool", ["last", pytest.param("mean", marks=pytest.mark.slow)])
 def test_crnn_dynamic_time(pool):
     """CRNN's ``x.permute(0, 3, 1, 2).flatten(2)`` keeps time as the one reshape axis Keras infers (-1)."""
