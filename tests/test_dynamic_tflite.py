@@ -110,3 +110,50 @@ def test_random_int8_calibration_over_dynamic_axes_uses_the_sample_size():
                                tflite=("int8",), random_calibration=True)
     assert _signature(result.tflite["int8"]) == [-1, 3, -1, 12]
     assert list(result.tflite_reports["int8"].errors_by_size()) == ["sample", "h=24", "h=18"]
+
+
+CLI_MODEL = '''
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+'''
+
+
+def test_cli_verify_checks_each_size_of_the_dynamic_axes(tmp_path, capsys):
+    import json
+
+    from tracer.cli import EXIT_INPUT, EXIT_OK, main
+    path = tmp_path / "net.py"
+    path.write_text(CLI_MODEL)
+    out = tmp_path / "out"
+    assert main(["convert", f"{path}:Net", "--input-shape", "1,3,12,12", "--dynamic-axis", "0:2=h",
+                 "--random-inputs", "1", "--tflite", "fp32", "-o", str(out), "-q"]) == EXIT_OK, capsys.readouterr()
+    capsys.readouterr()
+    # the axes convert was given (report.json), then others asked for on the command line: the saved files
+    # are fixed on w, so w is checked on the fresh conversion only
+    for flags, names, saved in [([], ["h=24", "h=18"], ["h=24", "h=18"]),
+                                (["--dynamic-axis", "0:2=h", "--dynamic-axis", "0:3=w"],
+                                 ["h=24", "h=18", "w=24", "w=18"], ["h=24", "h=18"])]:
+        code = main(["verify", str(out), "--no-gradients", "--random-inputs", "1", "-q", *flags])
+        captured = capsys.readouterr()
+        assert code == EXIT_OK, captured
+        verify = json.loads((out / "report.json").read_text())["verify"]
+        for key, want in [("conversion_dynamic_sizes", names), ("saved_model_parity", saved),
+                          ("tflite_dynamic_sizes", saved)]:
+            labels = [t["label"] for t in verify["facts"][key]["trials"] if "=" in t["label"]]
+            assert labels == want and verify["facts"][key]["ok"], (key, labels)
+        for what, want in [("the fresh conversion", names), ("model.keras", saved), ("model_fp32.tflite", saved)]:
+            line = next(ln for ln in captured.out.splitlines() if ln.strip().startswith(what + " sample"))
+            assert all(f"{n} " in line for n in want) and "FAIL" not in line, captured.out
+        assert any("fixed size on w" in w for w in verify["warnings"]) == (len(names) > 2)
+    assert main(["verify", str(out), "--dynamic-axis", "0:0", "-q"]) == EXIT_INPUT
+    assert "batch axis" in capsys.readouterr().err

@@ -124,6 +124,8 @@ def _add_verify_command(sub: Any) -> None:
                    help="random inputs: standard normal (default) or uniform in [0, 1)")
     v.add_argument("--inputs", action="append", default=[], metavar="FILE",
                    help=".npy (one input) or .npz/.pt (several, in order) to also compare on; repeatable")
+    v.add_argument("--dynamic-axis", action="append", default=[], metavar="INPUT:AXIS[=NAME]",
+                   help="also check at other sizes of this axis (as for convert; default: the axes convert was given)")
     v.add_argument("--tol", type=float, default=1e-5, help="output tolerance (default 1e-5, fp32)")
     v.add_argument("--node-tol", type=float, default=None, help="per-node tolerance (default: --tol)")
     v.add_argument("--grad-tol", type=float, default=1e-3, help="gradient tolerance, relative (default 1e-3)")
