@@ -92,9 +92,13 @@ class GradReport:
                  f"Keras {self.forward_error:.1e}, PyTorch fp32 {self.forward_noise:.1e} (tolerance "
                  f"{self.forward_tolerance:g})"]
         lines += [f"  {m.kind}: {m.name}: {m.message}" for m in self.mismatches]
-        lines += [f"  known difference: {k}" for k in self.known_differences[:1]]
-        if len(self.known_differences) > 1:
-            lines.append(f"  (the same for {len(self.known_differences) - 1} more BatchNorm layers; see report.json)")
+        kinds: dict[str, list[str]] = {}  # one line per kind: the text after the tensor names
+        for k in self.known_differences:
+            kinds.setdefault(k.partition(": ")[2][:30], []).append(k)
+        for same in kinds.values():
+            lines.append(f"  known difference: {same[0]}")
+            if len(same) > 1:
+                lines.append(f"  (the same for {len(same) - 1} more; see report.json)")
         lines += [f"  tie: {t}" for t in self.ties[:SHOWN_FLIPS]]
         if len(self.ties) > SHOWN_FLIPS:
             lines.append(f"  (ties at {len(self.ties) - SHOWN_FLIPS} more kinks; see report.json)")

@@ -56,7 +56,8 @@ def gather(maps: list[ParamMap], shape: tuple, values: dict[str, np.ndarray | No
     for m in maps:
         v = values.get(m.keras_path)
         if v is not None:
-            np.add.at(out, m.index.ravel(), np.asarray(v, np.float64).ravel())
+            held = m.held.ravel()
+            np.add.at(out, m.index.ravel()[held], np.asarray(v, np.float64).ravel()[held])
     return out.reshape(shape)
 
 
@@ -124,7 +125,7 @@ def compare_param(report: Any, name: str, p: torch.nn.Parameter, held: list[Para
         return
     covered = np.zeros(p.numel(), bool)
     for m in mine:
-        covered[m.index.ravel()] = True
+        covered[m.index[m.held]] = True
     k = gather(mine, tuple(p.shape), k_grads)
     t = g if g is not None else np.zeros(tuple(p.shape), np.float32)
     d = diff(name, t, k, floor, tol, ", ".join(m.keras_path for m in mine))
@@ -163,10 +164,12 @@ def compare_step(report: Any, model: torch.nn.Module, keras_model: Any, maps: li
     for m in maps:
         if m.trainable and m.torch_name in params:
             by_torch.setdefault(m.torch_name, []).append(m)
+    moved = {name: (params[name].detach().numpy() - before_t[name]).ravel() for name in by_torch}
     for name, mine in by_torch.items():
-        moved_t = (params[name].detach().numpy() - before_t[name]).ravel()
+        moved_t = moved[name]
         for m in mine:
-            d = diff(f"{name} -> {m.keras_path}", moved_t[m.index], moved_k[m.keras_path], floor, tol, m.keras_path)
+            d = diff(f"{name} -> {m.keras_path}", moved_t[m.index[m.held]], moved_k[m.keras_path][m.held], floor,
+                     tol, m.keras_path)
             report.steps.append(d)
             if d.ok:
                 continue
@@ -176,6 +179,32 @@ def compare_step(report: Any, model: torch.nn.Module, keras_model: Any, maps: li
             else:
                 msg = f"one SGD step (lr {lr:g}) moves it differently: error {d.error:.3e} > {tol:g}"
             report.mismatches.append(Mismatch("sgd_step", name, msg))
+    _summed_steps(report, [m for ms in by_torch.values() for m in ms if m.summed_with], maps, moved, moved_k,
+                  lr, floor, tol)
+
+
+def _summed_steps(report: Any, summed: list[ParamMap], maps: list[ParamMap], moved_t: dict, moved_k: dict,
+                  lr: float, floor: float, tol: float) -> None:
+    """A Keras bias holding ``bias_ih + bias_hh`` gets each one's gradient (compared above), so one SGD step
+    moves the sum by ``lr * g`` in Keras and by ``2 * lr * g`` in PyTorch, where both biases take it:
+    a known difference when the sum moved exactly twice as far, a mismatch otherwise."""
+    for m in summed:
+        other = next((o for o in maps if o.torch_name == m.summed_with and o.keras_path == m.keras_path), None)
+        if other is None or m.summed_with not in moved_t:
+            continue
+        total = moved_t[m.torch_name][m.index] + moved_t[m.summed_with][other.index]
+        d = diff(f"{m.torch_name} + {m.summed_with} -> {m.keras_path}", total, 2 * moved_k[m.keras_path],
+                 2 * floor, tol, m.keras_path)
+        if d.ok:
+            report.known_differences.append(
+                f"{m.torch_name} + {m.summed_with}: Keras holds their sum as one bias ({m.keras_path}), whose "
+                f"gradient is each one's gradient (compared); one SGD step (lr {lr:g}) moves the sum twice as far "
+                "in PyTorch (both biases take the step) as in Keras (checked: exactly twice), so a Keras model "
+                "trained from this conversion learns this bias at half PyTorch's rate")
+        else:
+            report.mismatches.append(Mismatch("sgd_step", m.torch_name, f"the summed bias {m.keras_path} "
+                                              f"moved unlike half of {m.torch_name} + {m.summed_with}'s step: "
+                                              f"error {d.error:.3e} > {tol:g}"))
 
 
 def compare_bn(report: Any, model: torch.nn.Module, result: Any, maps: list[ParamMap],

@@ -7,6 +7,12 @@ kernels, 1-D BatchNorm vectors, constants in a layout), or, when the tensor's va
 distinct, any selection of its entries (a Linear kernel with a flattening order folded in). The
 index map carries gradients back (:mod:`tracer.verify.gradcheck`) and weights forward
 (:func:`restore_torch_weights`).
+
+A Keras LSTM / GRU / SimpleRNN made from nn.LSTM / GRU / RNN (op_rules/recurrent.py) is mapped by
+its layout, not by value: the GRU's gates reordered (torch r, z, n -> Keras z, r, h) and its
+``(2, 3H)`` bias split, row 0 ``bias_ih`` and row 1 ``bias_hh``; the one bias of an LSTM / SimpleRNN
+holds ``bias_ih + bias_hh``, so its gradient is each one's gradient. Which torch layer and direction
+a Keras layer holds is the one whose values it has exactly.
 """
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ from typing import Any, Iterator
 import keras
 import numpy as np
 import torch
+import torch.nn as nn
+
+from tracer.op_rules.recurrent_io import gru_order
 
 _HINTS = {"kernel": ("weight",), "bias": ("bias",), "gamma": ("weight",), "beta": ("bias",),
           "moving_mean": ("running_mean",), "moving_variance": ("running_var",), "alpha": ("weight",),
@@ -26,14 +35,22 @@ _HINTS = {"kernel": ("weight",), "bias": ("bias",), "gamma": ("weight",), "beta"
 @dataclass(frozen=True)
 class ParamMap:
     """Keras variable ``keras_path`` holds PyTorch tensor ``torch_name`` rearranged: ``index`` has the
-    Keras variable's shape and gives, for each entry, the flat index into the PyTorch tensor."""
+    Keras variable's shape and gives, for each entry, the flat index into the PyTorch tensor, or -1
+    where the entry holds another tensor (a GRU's bias: ``bias_ih`` and ``bias_hh`` stacked).
+    ``summed_with``: the Keras variable holds this tensor plus that one (an LSTM's ``bias_ih + bias_hh``;
+    the other tensor has its own map, without ``summed_with``)."""
 
     torch_name: str
     keras_path: str
     how: str
     index: np.ndarray
     trainable: bool
+    summed_with: str = ""
 
+    @property
+    def held(self) -> np.ndarray:
+        """Which entries of the Keras variable hold this tensor."""
+        return self.index >= 0
 
 
 def _arrangements(var_shape: tuple, torch_shape: tuple, layer: Any) -> Iterator[tuple[str, Any]]:
@@ -110,11 +127,16 @@ def map_parameters(model: torch.nn.Module, keras_model: Any) -> tuple[list[Param
     modules = dict(model.named_modules())
     tensors = {k: _Tensor(t) for k, t in {**dict(model.named_buffers()), **dict(model.named_parameters())}.items()}
     maps, unmatched = [], []
+    used: set[tuple[str, str]] = set()  # (module path, suffix) of the torch RNN layers already mapped
     for layer in _layers(keras_model):
+        owner = _owner(layer.name, modules)
+        recurrent = _recurrent_maps(layer, owner, modules, tensors, used)
+        if recurrent is not None:
+            maps += recurrent
+            continue
         for var in layer.weights:
             value = keras.ops.convert_to_numpy(var.value)
             short = var.path.rpartition("/")[2]
-            owner = _owner(layer.name, modules)
             prefix = f"{owner}." if owner else ""
             local = [k for k in tensors if owner is not None and k.startswith(prefix)]
             hinted = [f"{prefix}{h}" for h in _HINTS.get(short, ()) if f"{prefix}{h}" in tensors]
@@ -132,6 +154,83 @@ def map_parameters(model: torch.nn.Module, keras_model: Any) -> tuple[list[Param
             else:
                 maps.append(found)
     return maps, unmatched
+
+
+# ---- recurrent layers ------------------------------------------------------------------------------
+_RNN_LAYERS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "SimpleRNN": nn.RNN}
+
+
+def _recurrent_maps(layer: Any, owner: str | None, modules: dict, tensors: dict,
+                    used: set[tuple[str, str]]) -> list[ParamMap] | None:
+    """The maps of a Keras recurrent layer (both of a Bidirectional's) that holds an nn.LSTM / GRU /
+    RNN's weights in op_rules/recurrent.py's layout; None when it is not one (mapped by value then)."""
+    inner = [layer.forward_layer, layer.backward_layer] if isinstance(layer, keras.layers.Bidirectional) else [layer]
+    module = modules.get(owner) if owner is not None else None
+    kinds = {type(sub).__name__ for sub in inner}
+    if len(kinds) != 1 or not isinstance(module, _RNN_LAYERS.get(kinds.pop(), ())):
+        return None
+    maps: list[ParamMap] = []
+    for sub in inner:
+        found = _direction(sub, module, owner, tensors, used)
+        if found is None:
+            return None
+        maps += found
+    return maps
+
+
+def _direction(sub: Any, module: nn.Module, owner: str, tensors: dict,
+               used: set[tuple[str, str]]) -> list[ParamMap] | None:
+    """The torch layer and direction (suffix ``_l1_reverse``) whose values Keras layer ``sub`` holds exactly."""
+    values = {v.path: keras.ops.convert_to_numpy(v.value) for v in sub.weights}
+    for k in range(module.num_layers):
+        for d in range(2 if module.bidirectional else 1):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            if (owner, sfx) in used:
+                continue
+            maps = _layout_maps(sub, f"{owner}." if owner else "", sfx, tensors)
+            if maps is not None and _holds(maps, values, tensors):
+                used.add((owner, sfx))
+                return maps
+    return None
+
+
+def _layout_maps(sub: Any, prefix: str, sfx: str, tensors: dict) -> list[ParamMap] | None:
+    """op_rules/recurrent.py's layout as index maps: kernels ``W.T`` (GRU gates reordered), the GRU's
+    ``(2, 3H)`` bias split by row, an LSTM / SimpleRNN's bias as ``bias_ih + bias_hh``."""
+    cell, gru = sub.cell, type(sub).__name__ == "GRU"
+    order = gru_order if gru else (lambda a: a)
+    names = {k: f"{prefix}{k}{sfx}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    wanted = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if cell.use_bias else [])
+    if any(names[k] not in tensors for k in wanted):
+        return None
+    idx = {k: order(np.arange(tensors[names[k]].w.size).reshape(tensors[names[k]].w.shape)) for k in wanted}
+    gates = "gates r, z, n -> z, r, h, " if gru else ""
+    maps = [ParamMap(names["weight_ih"], cell.kernel.path, f"recurrent kernel ({gates}transposed)",
+                     idx["weight_ih"].T, bool(cell.kernel.trainable)),
+            ParamMap(names["weight_hh"], cell.recurrent_kernel.path, f"recurrent kernel ({gates}transposed)",
+                     idx["weight_hh"].T, bool(cell.recurrent_kernel.trainable))]
+    if not cell.use_bias:
+        return maps
+    path, trainable = cell.bias.path, bool(cell.bias.trainable)
+    if gru:  # reset_after=True: row 0 the input side, row 1 the state side
+        none = np.full_like(idx["bias_ih"], -1)
+        return maps + [ParamMap(names["bias_ih"], path, f"GRU bias row 0 ({gates[:-2]})",
+                                np.stack([idx["bias_ih"], none]), trainable),
+                       ParamMap(names["bias_hh"], path, f"GRU bias row 1 ({gates[:-2]})",
+                                np.stack([none, idx["bias_hh"]]), trainable)]
+    return maps + [ParamMap(names["bias_ih"], path, f"summed bias: {names['bias_ih']} + {names['bias_hh']}",
+                            idx["bias_ih"], trainable, summed_with=names["bias_hh"]),
+                   ParamMap(names["bias_hh"], path, f"summed bias: {names['bias_ih']} + {names['bias_hh']}",
+                            idx["bias_hh"], trainable)]
+
+
+def _holds(maps: list[ParamMap], values: dict[str, np.ndarray], tensors: dict) -> bool:
+    """Every Keras variable is exactly what ``maps`` put together (stacked parts, or a sum)."""
+    built: dict[str, np.ndarray] = {}
+    for m in maps:
+        part = np.where(m.held, tensors[m.torch_name].flat[np.where(m.held, m.index, 0)], 0).astype(np.float32)
+        built[m.keras_path] = part if m.keras_path not in built else built[m.keras_path] + part
+    return set(built) == set(values) and all(np.array_equal(built[p], values[p]) for p in values)
 
 
 def _layers(keras_model: Any) -> Iterator[Any]:
@@ -160,11 +259,24 @@ def restore_torch_weights(model: torch.nn.Module, fresh_keras: Any, saved_keras:
         for m in maps:
             if m.keras_path not in saved or saved[m.keras_path].shape != m.index.shape:
                 continue
-            t = tensors[m.torch_name]
-            flat = t.detach().cpu().numpy().ravel().copy()
-            flat[m.index.ravel()] = saved[m.keras_path].ravel()
-            t.copy_(torch.from_numpy(flat.reshape(tuple(t.shape))).to(t.dtype))
+            _restore(m, saved[m.keras_path], tensors, maps)
             done.add(m.torch_name)
     missing = [k for k, t in tensors.items() if k not in done and t.is_floating_point()]
     return sorted(done), missing
 
+
+
+def _restore(m: ParamMap, saved: np.ndarray, tensors: dict, maps: list[ParamMap]) -> None:
+    """Keras value ``saved`` into the entries of torch tensor ``m.torch_name`` it holds; of a summed bias,
+    ``summed_with`` keeps its value and ``m.torch_name`` takes the rest."""
+    if any(o.summed_with == m.torch_name and o.keras_path == m.keras_path for o in maps):
+        return  # the partner of a summed bias: it keeps its value
+    t = tensors[m.torch_name]
+    flat = t.detach().cpu().numpy().ravel().copy()
+    value = saved
+    if m.summed_with:
+        other = next(o for o in maps if o.torch_name == m.summed_with and o.keras_path == m.keras_path)
+        value = saved - tensors[m.summed_with].detach().cpu().numpy().ravel()[other.index]
+    held = m.held.ravel()
+    flat[m.index.ravel()[held]] = value.ravel()[held]
+    t.copy_(torch.from_numpy(flat.reshape(tuple(t.shape))).to(t.dtype))
