@@ -12,6 +12,7 @@ Public API for users adding their own layers::
 from tracer.op_rules.registry import Layout, Rule, all_targets, lookup, register, rule, unregister
 
 # rule families register themselves on import
+from tracer.op_rules import sizes  # noqa: E402,F401  (first: shape and tensor_ops read it)
 from tracer.op_rules import activation, conv, elementwise, linear, norm, pooling, reduce, resize, shape  # noqa: E402,F401
 from tracer.op_rules import misc_ops  # noqa: E402,F401
 from tracer.op_rules import attention, matmul, norm_layers, tensor_ops  # noqa: E402,F401

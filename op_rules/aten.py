@@ -113,7 +113,7 @@ def _slice(node: OpNode) -> OpNode:
     rank = node.rank
     dim = node.kw.get("dim", 0) % rank
     start, end, step = node.kw.get("start"), node.kw.get("end"), node.kw.get("step", 1)
-    end = None if end is not None and end >= _BIG else end
+    end = None if isinstance(end, int) and end >= _BIG else end  # (a Ref: a dynamic size, op_rules/sizes.py)
     index = (slice(None),) * dim + (slice(start or None, end, None if step == 1 else step),)
     return replace(node, target=operator.getitem, args=(node.args[0], index), kw={})
 

@@ -147,7 +147,8 @@ def mha(node: OpNode, ctx: Emit, m: nn.MultiheadAttention, qkv: tuple, shapes: l
     for x, (w, bias), tag in zip(qkv, _projections(m), "qkv"):
         x = _dense(node, ctx, x, w, bias, f"{prefix}{tag}_proj")
         hd = x.shape[-1] // heads
-        split.append(keras.ops.reshape(x, (-1, lq if tag == "q" else lk, heads, hd) if bf else (-1, b, heads, hd)))
+        # batch first: Reshape keeps the batch axis, so a dynamic length (tracer/dynamic.py) is the one -1
+        split.append(keras.layers.Reshape((-1, heads, hd))(x) if bf else keras.ops.reshape(x, (-1, b, heads, hd)))
     masks = []
     if isinstance(a.get("attn_mask"), Ref):
         mshape = ctx.graph.nodes[a["attn_mask"].name]["op"].shape
@@ -159,7 +160,7 @@ def mha(node: OpNode, ctx: Emit, m: nn.MultiheadAttention, qkv: tuple, shapes: l
         masks.append(_mask(node, ctx, a["key_padding_mask"], False, (b, 1, 1, lk), f"{prefix}key_padding_mask"))
     subs = ("blhd", "bshd", "bshd", "bhls", "blhd") if bf else ("lbhd", "sbhd", "sbhd", "bhls", "lbhd")
     out, weights = attend(node, ctx, *split, 1.0 / math.sqrt(m.head_dim), masks, subs)
-    out = keras.ops.reshape(out, (-1, lq, m.embed_dim) if bf else (-1, b, m.embed_dim))
+    out = keras.layers.Reshape((-1, m.embed_dim))(out) if bf else keras.ops.reshape(out, (-1, b, m.embed_dim))
     return dense_module(node, ctx, out, m.out_proj, f"{prefix}out_proj"), weights
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 from tracer.emitter import layers as L
 from tracer.emitter.context import Emit
 from tracer.op_rules.registry import Layout, rule
+from tracer.op_rules.sizes import dynamic_slices, has_dynamic_size
 from tracer.ir import OpNode, Phys, Ref, op
 from tracer.passes.layout import drop_dims, permute_layout, regrouped_layout, reshape_layout, same_layout
 
@@ -206,6 +207,8 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
         from tracer.op_rules.tensor_ops import advanced_getitem
         idx = node.args[1]
         return advanced_getitem(node, ctx, x, idx if isinstance(idx, tuple) else (idx,))
+    if has_dynamic_size(index):  # a bound that follows a dynamic axis (tracer/capture/sizes.py)
+        x, index = dynamic_slices(node, ctx, x, index)
     torch_dims = [i for i in index if i is not None]
     per_axis = [torch_dims[d] for d in node.in_layouts[0].perm]
     if isinstance(per_axis[0], int):  # Keras axis 0 (torch's after a permute: qkv[0] of (3, B, ...) is not)

@@ -25,6 +25,7 @@ from tracer.emitter.context import Emit, to_numpy
 from tracer.op_rules.common import call_with_weights, ntuple, pad_spatial, param
 from tracer.op_rules.indexing import outer_index
 from tracer.op_rules.registry import Layout, rule
+from tracer.op_rules.sizes import filled, has_dynamic_size
 from tracer.ir import OpNode, Phys, Ref, ordered
 
 _KERAS_DTYPE = {"float64": "float32", "int64": "int32"}
@@ -148,6 +149,9 @@ def batch_sized_full(node: OpNode, ctx: Emit) -> Any:
     (capture keeps only those as operations)."""
     fill = _FULL.get(node.target)
     fill = float(node.kw.get("fill_value", node.args[-1] if node.args else 0.0)) if fill is None else fill
+    size = node.kw.get("size")
+    if has_dynamic_size(size):  # sizes that follow a dynamic axis (tracer/capture/sizes.py)
+        return filled(node, ctx, tuple(size), fill, _sample_batch(ctx), batch_ones)
     dtype = _KERAS_DTYPE.get(node.dtype, node.dtype)
     return _batched_constant(node, ctx, np.full((1, *node.shape[1:]), fill, dtype=dtype))
 

@@ -108,15 +108,16 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
     try:
         start = time.perf_counter()
         with say.stage("capture", "with torch.export" if capture == "export" else "with torch.fx"):
-            graph = capture_graph(model, inputs, has_module_rule, method=capture)
+            graph = capture_graph(model, inputs, has_module_rule, method=capture, dims=dims)
         how = graph.graph.get("capture", {"method": capture})
         if how["method"] != "fx" and capture != "export":
             say(f"captured with {how['method']} instead: {how['reason']}")
         dynamic_dims = {}
         if dims:
             with say.stage("capture", "again at other sizes of " + ", ".join(d.name for d in dims)):
+                again = "export" if how["method"] == "torch.export" else how["method"]
                 dynamic_dims = check_dynamic(graph, dims, lambda xs: capture_graph(
-                    model, xs, has_module_rule, method=how["method"]), inputs)
+                    model, xs, has_module_rule, method=again, dims=dims), inputs)
         with say.stage("passes"):
             graph = run_passes(graph, channels_last_io, fold_bn)
         graph.graph.update(dynamic_axes=placeholder_axes(graph, dims), dynamic_dims=dynamic_dims)

@@ -21,7 +21,7 @@ import os
 import re
 import traceback
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import networkx as nx
 import torch
@@ -31,24 +31,29 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.operator_schemas import normalize_function
 
 from tracer.capture.recording import OWN_DIRS, TORCH_DIR, Recorder, build_graph
+from tracer.capture.sizes import size_changes
+from tracer.dynamic import DynamicAxis
 from tracer.errors import CaptureError
 
 aten = torch.ops.aten
 
 
 def capture_export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], reason: str,
-                   fx_error: Exception | None = None, core_aten: bool = False) -> nx.DiGraph:
+                   fx_error: Exception | None = None, core_aten: bool = False,
+                   dims: Sequence[DynamicAxis] = ()) -> nx.DiGraph:
     """Export ``model`` on ``inputs`` and build the IR graph; ``reason`` says why export is used.
 
     ``core_aten``: lower the whole graph to the core ATen opset (``aten.convolution``,
-    ``aten.addmm`` ...) instead of decomposing only what has no rule.
+    ``aten.addmm`` ...) instead of decomposing only what has no rule. ``dims``: dynamic axes, exported
+    as ``torch.export.Dim`` s so that sizes computed from them stay nodes (``aten.sym_size.int`` and
+    SymInt arithmetic; tracer/capture/sizes.py) instead of numbers.
     """
-    ep = export(model, inputs, fx_error)
+    ep = export(model, inputs, fx_error, dims)
     ep, decomposed = decompose_as_needed(ep, everything=core_aten)
     gm = lift_state(ep)
     one_output_forms(gm.graph)
     gm.recompile()
-    recorder = Recorder(gm)
+    recorder = Recorder(gm, size_changes(gm, inputs, dims))
     with torch.no_grad():
         recorder.run(*inputs)
     graph = build_graph(gm, recorder)
@@ -57,9 +62,9 @@ def capture_export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], rea
 
 
 def export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-           fx_error: Exception | None = None) -> ExportedProgram:
+           fx_error: Exception | None = None, dims: Sequence[DynamicAxis] = ()) -> ExportedProgram:
     try:
-        return torch.export.export(model, tuple(inputs), strict=False)
+        return torch.export.export(model, tuple(inputs), strict=False, dynamic_shapes=export_dims(inputs, dims))
     except Exception as exc:
         before = f"{fx_failure(model, fx_error)}; " if fx_error is not None else ""
         either = " either" if fx_error is not None else ""
@@ -67,6 +72,20 @@ def export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
                 "torch.where or move it out of forward()") if "data-dependent" in str(exc).lower() else ""
         raise CaptureError(f"{before}torch.export could not capture {type(model).__name__}{either}: "
                            f"{_first_line(exc)}{_where(exc)}{hint}") from exc
+
+
+def export_dims(inputs: Sequence[Any], dims: Sequence[DynamicAxis]) -> tuple | None:
+    """torch.export's ``dynamic_shapes`` for ``dims``: one ``Dim`` per name, shared by its axes; the
+    batch stays static (tracer handles it from the recorded shapes)."""
+    if not dims:
+        return None
+    spec: list[dict] = [{} for _ in inputs]
+    for d in dims:
+        dim = torch.export.Dim(d.name, min=max(2, d.low), max=d.high) if d.high is not None else (
+            torch.export.Dim(d.name, min=max(2, d.low)))
+        for i, axis in d.places:
+            spec[i][axis] = dim
+    return tuple(s or None for s in spec)
 
 
 def fx_failure(model: torch.nn.Module, exc: Exception) -> str:

@@ -9,13 +9,15 @@ into the same IR (tracer/capture/export.py); both share tracer/capture/recording
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Sequence
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
 from tracer.capture.recording import Recorder, build_graph, source_of
+from tracer.capture.sizes import size_changes
+from tracer.dynamic import DynamicAxis
 from tracer.errors import CaptureError, InputError
 
 
@@ -46,7 +48,8 @@ CAPTURE_METHODS = ("auto", "fx", "export")
 
 
 def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-            is_leaf: Callable[[torch.nn.Module], bool], method: str = "auto") -> nx.DiGraph:
+            is_leaf: Callable[[torch.nn.Module], bool], method: str = "auto",
+            dims: Sequence[DynamicAxis] = ()) -> nx.DiGraph:
     """Capture ``model`` and build the IR graph, shapes recorded from ``inputs``.
 
     ``method``: "fx" (torch.fx symbolic tracing), "export" (torch.export, ATen level) or "auto":
@@ -58,6 +61,9 @@ def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     like a fixed size), so shapes are recorded on a batch-2 copy of it (the sample repeated along
     axis 0), and on the sample itself only when the model fails at batch 2;
     ``graph.graph["capture"]["batch"]`` says which.
+
+    ``dims``: the dynamic axes (tracer/dynamic.py); sizes that follow them stay runtime computation
+    (tracer/capture/sizes.py) instead of folding into the sample's numbers.
     """
     from tracer.fixes.parametrizations import bake_parametrizations
     from tracer.fixes.triton_llvm import isolate_triton_llvm
@@ -68,13 +74,13 @@ def capture(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     # an in-place forward (x.add_(1), relu_(x)) must not change the caller's sample tensors
     inputs = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
     if not _all_batch_one(inputs):
-        return bake_parametrizations(_capture_with(model, inputs, is_leaf, method), model)
+        return bake_parametrizations(_capture_with(model, inputs, is_leaf, method, dims), model)
     doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
     try:
-        graph = _capture_with(model, doubled, is_leaf, method)
+        graph = _capture_with(model, doubled, is_leaf, method, dims)
         note = "recorded at batch 2 (the batch-1 sample repeated), so batch-sized axes are told from unit axes"
     except CaptureError as exc:
-        graph = _capture_with(model, inputs, is_leaf, method)
+        graph = _capture_with(model, inputs, is_leaf, method, dims)
         note = (f"recorded at batch 1: the model failed on the sample repeated to batch 2 ({_first_line(exc)}); "
                 "axes of size 1 are taken for the batch where they are sized by it")
     graph.graph["capture"]["batch"] = note
@@ -92,21 +98,21 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _capture_with(model: torch.nn.Module, inputs: tuple, is_leaf: Callable[[torch.nn.Module], bool],
-                  method: str) -> nx.DiGraph:
+                  method: str, dims: Sequence[DynamicAxis] = ()) -> nx.DiGraph:
     from tracer.capture.export import capture_export, fx_failure
 
     if method == "export":
-        return capture_export(model, inputs, reason="requested with capture='export'")
+        return capture_export(model, inputs, reason="requested with capture='export'", dims=dims)
     try:
-        return capture_fx(model, inputs, is_leaf)
+        return capture_fx(model, inputs, is_leaf, dims)
     except CaptureError as exc:
         if method == "fx":
             raise
-        return capture_export(model, inputs, reason=fx_failure(model, exc), fx_error=exc)
+        return capture_export(model, inputs, reason=fx_failure(model, exc), fx_error=exc, dims=dims)
 
 
 def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-               is_leaf: Callable[[torch.nn.Module], bool]) -> nx.DiGraph:
+               is_leaf: Callable[[torch.nn.Module], bool], dims: Sequence[DynamicAxis] = ()) -> nx.DiGraph:
     """Trace ``model`` with torch.fx and build the IR graph."""
     gm = trace(model, is_leaf)
     _check_wrapped_functions(gm, model)
@@ -114,7 +120,7 @@ def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     if len(placeholders) != len(inputs):
         raise CaptureError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs "
                            f"({', '.join(p.name for p in placeholders)}) but {len(inputs)} were given")
-    recorder = Recorder(gm)
+    recorder = Recorder(gm, size_changes(gm, inputs, dims))
     with torch.no_grad():
         recorder.run(*inputs)
     graph = build_graph(gm, recorder)

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
+from tracer.capture.sizes import size_nodes
 from tracer.errors import CaptureError
 from tracer.ir import OP, OpNode, Ref, Source
 
@@ -44,10 +45,11 @@ _NEW = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
 class Recorder(fx.Interpreter):
     """Runs the traced module once, keeping each node's result and whether it depends on inputs."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, sizes: dict[str, Any] | None = None):
         super().__init__(gm, garbage_collect_values=False)
         self.results: dict[str, Any] = {}
         self.dynamic: set[str] = set()
+        self.sizes = sizes or {}  # sizes that follow a dynamic axis (tracer/capture/sizes.py): not folded
         self.batch: int | None = None  # axis 0 of the first input
         self.batch_sized: set[str] = set()  # size values equal to a computed tensor's batch size
         self.batch_shapes: set[str] = set()  # shapes whose first entry is one
@@ -74,8 +76,9 @@ class Recorder(fx.Interpreter):
             if (isinstance(result, torch.Tensor) and result.dim() and result.shape[0] == self.batch
                     and any(a.name in self.batch_sized or a.name in self.batch_shapes for a in n.all_input_nodes)):
                 return n.all_input_nodes
-            return [a for a in n.all_input_nodes if isinstance(self.results.get(a.name), torch.Tensor)
-                    and not (n.op == "call_method" and n.args and a is n.args[0])]
+            return [a for a in n.all_input_nodes if a.name in self.sizes or (
+                isinstance(self.results.get(a.name), torch.Tensor) and not (n.op == "call_method" and n.args
+                                                                            and a is n.args[0]))]
         return n.all_input_nodes
 
     def _expands_to_batch(self, n: fx.Node, result: Any) -> bool:
@@ -192,7 +195,14 @@ def build_graph(gm: fx.GraphModule, rec: Recorder) -> nx.DiGraph:
                           tuple(dict.fromkeys(p for i in n.all_input_nodes for p in params[i.name])))
         is_const = n.op not in ("placeholder", "output") and n.name not in rec.dynamic
         if n.op not in ("placeholder", "output") and not _has_tensor(result):  # sizes, shape arithmetic
-            folded[n.name] = result
+            if n.name in rec.sizes:  # follows a dynamic axis: computed at runtime (tracer/capture/sizes.py)
+                folded[n.name], made = _size_nodes(n, result, rec.sizes[n.name], folded)
+                for node in made:
+                    graph.add_node(node.name, **{OP: node})
+                    graph.add_edges_from((src, node.name) for src in node.inputs)
+                    order.append(node.name)
+            else:
+                folded[n.name] = result
             continue
         node = _make_node(n, result, is_const, folded, modules)
         if node.is_constant and params[n.name]:  # verify/trainable.py warns if these end up frozen
@@ -205,7 +215,8 @@ def build_graph(gm: fx.GraphModule, rec: Recorder) -> nx.DiGraph:
     return graph
 
 
-def _make_node(n: fx.Node, result: Any, is_const: bool, folded: dict, modules: dict) -> OpNode:
+def _converter(folded: dict) -> Any:
+    """fx arguments -> IR arguments: folded values inlined, other nodes as Refs."""
     def conv(a: Any) -> Any:
         if isinstance(a, fx.Node):
             return folded[a.name] if a.name in folded else Ref(a.name)
@@ -216,7 +227,20 @@ def _make_node(n: fx.Node, result: Any, is_const: bool, folded: dict, modules: d
         if isinstance(a, slice):
             return slice(conv(a.start), conv(a.stop), conv(a.step))
         return a
+    return conv
 
+
+def _size_nodes(n: fx.Node, result: Any, mask: Any, folded: dict) -> tuple[Any, list[OpNode]]:
+    def make(name: str, target: Any, kw: dict, value: Any) -> OpNode:
+        inputs = tuple(dict.fromkeys(_refs(kw)))
+        length = int(value) if isinstance(value, int) else 1
+        return OpNode(name=name, kind="call_function", target=target, inputs=inputs, args=tuple(kw.values()),
+                      kw=kw, shape=(length,), dtype="float32", source=source_of(n), module_path=module_path_of(n))
+    return size_nodes(n, result, mask, _converter(folded), make)
+
+
+def _make_node(n: fx.Node, result: Any, is_const: bool, folded: dict, modules: dict) -> OpNode:
+    conv = _converter(folded)
     args = conv(tuple(n.args))
     kwargs = conv(dict(n.kwargs))
     inputs = tuple(dict.fromkeys(_refs((args, kwargs))))
