@@ -151,6 +151,8 @@ def test_einsum_reads_nhwc_map_in_place(channels_last_io):
     pytest.param(lambda m, a, b: torch.einsum("bij,bkj->bik", a, b), ((B, L, D), (B, 3, D)), "einsum", id="einsum"),
     pytest.param(lambda m, a, b: torch.einsum("bhid,bhjd->bhij", a, b), ((B, 2, L, D), (B, 2, 3, D)), "einsum",
                  id="einsum_heads"),
+    pytest.param(lambda m, a, b: torch.einsum("B H I D, B H J D -> B H I J", a, b), ((B, 2, L, D), (B, 2, 3, D)),
+                 "einsum", id="einsum_upper_case"),
 ])
 def test_products_through_torch_export(fn, shapes, rule):
     model = (Fn if len(shapes) == 1 else Fn2)(fn).eval()
