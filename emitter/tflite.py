@@ -88,13 +88,14 @@ def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool 
 
     check_options([kind], calib, int8_io, random_calibration)
     layouts = list(input_layouts if input_layouts is not None else _layouts_of(keras_model))
+    exported, applied = with_export_fixes(keras_model, fixes)
+    if applied:
+        log.info("TFLite export fixes: %s", "; ".join(applied))
+    _refuse_int8_loops(kind, applied)
     representative = None
     if kind == "int8":
         representative = calibration_dataset(keras_model, calib, layouts, random_calibration, calib_limit,
                                              sample_shapes)
-    exported, applied = with_export_fixes(keras_model, fixes)
-    if applied:
-        log.info("TFLite export fixes: %s", "; ".join(applied))
     with tempfile.TemporaryDirectory(prefix="tracer-tflite-") as tmp:
         _export_inference(exported, tmp)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
@@ -106,6 +107,19 @@ def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool 
             raise
         except Exception as exc:  # the converter raises ConverterError with MLIR diagnostics
             raise TFLiteExportError(_explain(exc, kind, allow_flex)) from exc
+
+
+def _refuse_int8_loops(kind: str, applied: Sequence[str]) -> None:
+    """Full-integer calibration of a WHILE loop (a recurrent layer over a dynamic time axis,
+    fixes/tflite_rnn_while.py) crashes TensorFlow 2.21's calibrator with a segfault (measured on an
+    LSTM+GRU stack): refused before the converter runs. fp16 and dynamic-range keep the loop and work."""
+    loops = [note.split(": ")[0] for note in applied if note.endswith(": rnn_while_loop")]
+    if kind == "int8" and loops:
+        raise TFLiteExportError(
+            f"TFLite int8: the recurrent layer(s) {', '.join(loops)} run over a dynamic time axis as WHILE loops, "
+            "and full-integer calibration of a WHILE loop crashes TensorFlow's calibrator. Use kind 'fp16' or "
+            "'dynamic' (--tflite fp16 / dynamic) for the dynamic-time model, or convert without a dynamic time "
+            "axis for int8 (the loop is then unrolled over the sample's length)")
 
 
 @contextlib.contextmanager

@@ -157,3 +157,17 @@ def test_cli_verify_checks_each_size_of_the_dynamic_axes(tmp_path, capsys):
         assert any("fixed size on w" in w for w in verify["warnings"]) == (len(names) > 2)
     assert main(["verify", str(out), "--dynamic-axis", "0:0", "-q"]) == EXIT_INPUT
     assert "batch axis" in capsys.readouterr().err
+
+
+def test_rnn_over_dynamic_time_fp16_kept_int8_refused():
+    """fp16 keeps the WHILE loops; int8 calibration of a WHILE loop crashes TensorFlow's calibrator (a
+    segfault), so it is refused before the converter runs, naming the layers and what to do."""
+    from tracer.emitter.tflite import TFLiteExportError
+    torch.manual_seed(7)
+    model, x = SmallGRU().eval(), torch.randn(2, 6, 4)
+    result = convert_model(model, x, dynamic_shapes=({1: "t"},), n_random=1, tflite=("fp16",))
+    report = result.tflite_reports["fp16"]
+    assert _builtin_only(result.tflite["fp16"])["WHILE"] == 2 and report.judgement()[0] == "good", report.summary()
+    assert list(report.errors_by_size()) == ["sample", "t=12", "t=9"]
+    with pytest.raises(TFLiteExportError, match="dynamic time axis as WHILE loops.*fp16"):
+        convert_model(model, x, dynamic_shapes=({1: "t"},), n_random=1, tflite=("int8",), random_calibration=True)
