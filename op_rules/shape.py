@@ -179,6 +179,14 @@ def _is_element(node: OpNode, shapes: list) -> bool:
 
 
 def _getitem_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
+    if ins and ins[0] is None and has_dynamic_size(node.args[1:]):  # a constant sliced to a dynamic size
+        ins = [Phys.identity(len(shapes[0])), *ins[1:]]
+    req, out = _getitem_layouts(node, ins, shapes)
+    # dynamic slice bounds (1-D sizes, op_rules/sizes.py) are read as they are
+    return list(req) + [Phys.identity(len(s)) for s in shapes[len(req):]], out
+
+
+def _getitem_layouts(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     phys = ins[0]
     if phys is not None and phys.items is not None and isinstance(node.args[1], int):
         return [phys], phys.items[node.args[1]]  # an element of a tuple whose elements differ in layout
@@ -208,7 +216,7 @@ def getitem(node: OpNode, ctx: Emit) -> Any:
         idx = node.args[1]
         return advanced_getitem(node, ctx, x, idx if isinstance(idx, tuple) else (idx,))
     if has_dynamic_size(index):  # a bound that follows a dynamic axis (tracer/capture/sizes.py)
-        x, index = dynamic_slices(node, ctx, x, index)
+        x, index = dynamic_slices(node, ctx, ctx.tensor_input(node, 0), index)
     torch_dims = [i for i in index if i is not None]
     per_axis = [torch_dims[d] for d in node.in_layouts[0].perm]
     if isinstance(per_axis[0], int):  # Keras axis 0 (torch's after a permute: qkv[0] of (3, B, ...) is not)

@@ -37,8 +37,11 @@ def _dim_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
 @rule(dim_size, layout=_dim_layout)
 def dim(node: OpNode, ctx: Emit) -> Any:
     """The size of torch axis ``dim``: index 0 along every other Keras axis, then ones of that length."""
-    x = ctx.input(node, 0)
-    keep = ctx.axis(node, int(node.kw["dim"]))
+    return witness(ctx.input(node, 0), ctx.axis(node, int(node.kw["dim"])))
+
+
+def witness(x: Any, keep: int) -> Any:
+    """Ones as long as Keras axis ``keep`` of ``x``."""
     for a in reversed(range(len(x.shape))):
         if a != keep:
             x = keras.ops.take(x, 0, axis=a)
@@ -62,8 +65,8 @@ def _operand(node: OpNode, ctx: Emit, v: Any) -> Any:
 
 def _plus(w: Any, c: int) -> Any:
     if c < 0:
-        return w[-c:]
-    return w if c == 0 else keras.ops.concatenate([w, keras.ops.tile(w[:1], (c,))], axis=0)
+        return cut(w, -c)
+    return w if c == 0 else keras.ops.concatenate([w, keras.ops.tile(cut(w, None, 1), (c,))], axis=0)
 
 
 @rule(size_math, layout=Layout.TORCH)
@@ -81,7 +84,7 @@ def size_arith(node: OpNode, ctx: Emit) -> Any:
         if what == "mul" and c >= 1:
             return keras.ops.tile(w, (c,))
         if what == "floordiv" and c >= 1:
-            return w[c - 1::c]
+            return cut(w, c - 1, None, c)
         raise _refuse(node, f"{what} by {c}")
     if isinstance(a, int) or isinstance(b, int):
         raise _refuse(node, f"a number minus or divided by a dynamic size ({what})")
@@ -95,7 +98,13 @@ def size_arith(node: OpNode, ctx: Emit) -> Any:
 def positions(w: Any, start: int = 0, step: int = 1) -> Any:
     """``0, 1, ..., len(w) - 1`` (int32), from ``start`` by ``step``."""
     idx = keras.ops.cast(keras.ops.cumsum(w) - 1.0, "int32")
-    return idx if (start, step) == (0, 1) else idx[start::step]
+    return cut(idx, start, None, step)
+
+
+def cut(x: Any, start: int | None = None, stop: int | None = None, step: int | None = None) -> Any:
+    """``x[start:stop:step]`` of a 1-D tensor of dynamic length (Keras takes a tuple key only)."""
+    return x if (start, stop, step) in ((None, None, None), (0, None, 1), (0, None, None)) else x[
+        (slice(start, stop, step),)]
 
 
 def _arange_args(node: OpNode) -> tuple[Any, Any, Any]:
@@ -129,15 +138,15 @@ def has_dynamic_size(value: Any) -> bool:
     return False
 
 
-def filled(node: OpNode, ctx: Emit, size: tuple, fill: float, batch: int | None, ones: Any) -> Any:
+def filled(node: OpNode, ctx: Emit, size: tuple, fill: float, batch: int | None) -> Any:
     """``torch.full(size, fill)`` with dynamic entries in ``size``: ``fill`` times a broadcast of reshaped
-    witnesses. An int axis 0 equal to the sample's ``batch`` is the runtime batch (``ones(ctx, rank)``)."""
+    witnesses. An int axis 0 equal to the sample's ``batch`` is the runtime batch (the first input's)."""
     rank = len(size)
     value = np.full([s if isinstance(s, int) and not (i == 0 and s == batch) else 1 for i, s in enumerate(size)],
                     fill, dtype=np.float32)
     y = ctx.constant(value, ctx.name(node, "fill"))
     if isinstance(size[0], int) and size[0] == batch:
-        y = keras.ops.multiply(ones(ctx, rank, ctx.name(node, "batch")), y)
+        y = keras.ops.multiply(keras.ops.reshape(witness(ctx.anchor, 0), [-1] + [1] * (rank - 1)), y)
     for i, s in enumerate(size):
         if isinstance(s, Ref):
             w = ctx.tensor_input(node, ctx.index_of(node, s))

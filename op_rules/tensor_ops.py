@@ -25,7 +25,7 @@ from tracer.emitter.context import Emit, to_numpy
 from tracer.op_rules.common import call_with_weights, ntuple, pad_spatial, param
 from tracer.op_rules.indexing import outer_index
 from tracer.op_rules.registry import Layout, rule
-from tracer.op_rules.sizes import filled, has_dynamic_size
+from tracer.op_rules.sizes import filled, has_dynamic_size, witness
 from tracer.ir import OpNode, Phys, Ref, ordered
 
 _KERAS_DTYPE = {"float64": "float32", "int64": "int32"}
@@ -47,6 +47,8 @@ def _dims(node: OpNode, key: str, rank: int) -> list[int]:
 def batch_ones(ctx: Emit, rank: int, name: str) -> Any:
     """Ones of shape (B, 1, ..., 1), B the model's batch size at runtime."""
     a = ctx.anchor
+    if any(d is None for d in a.shape[1:]):  # a dynamic axis (tracer/dynamic.py): no static size to flatten
+        return keras.ops.reshape(witness(a, 0), (-1, *([1] * (rank - 1))))
     flat = keras.ops.reshape(a, (-1, math.prod(a.shape[1:]))) if len(a.shape) != 2 else a
     first = L.strided_slice(flat, [[None, None, None], [0, 1, None]])
     ones = keras.ops.ones_like(keras.ops.cast(first, "float32"))
@@ -151,7 +153,7 @@ def batch_sized_full(node: OpNode, ctx: Emit) -> Any:
     fill = float(node.kw.get("fill_value", node.args[-1] if node.args else 0.0)) if fill is None else fill
     size = node.kw.get("size")
     if has_dynamic_size(size):  # sizes that follow a dynamic axis (tracer/capture/sizes.py)
-        return filled(node, ctx, tuple(size), fill, _sample_batch(ctx), batch_ones)
+        return filled(node, ctx, tuple(size), fill, _sample_batch(ctx))
     dtype = _KERAS_DTYPE.get(node.dtype, node.dtype)
     return _batched_constant(node, ctx, np.full((1, *node.shape[1:]), fill, dtype=dtype))
 

@@ -156,14 +156,30 @@ def test_reshape_with_two_dynamic_axes_refused():
     assert "the reshape line" in text and "all change size" in text and "dynamic axes h, w" in text
 
 
-def test_token_model_arange_positions_refused_naming_the_line():
+def test_token_model_arange_positions_convert():
+    """``torch.arange(ids.shape[1])`` is computed at runtime (tests/test_dynamic_sizes.py has LiteRT too)."""
     torch.manual_seed(6)
     ids = torch.randint(0, 50, (2, 12))
+    result = _convert(TokenModel(), ids, {1: "seq"})
+    _assert_ok_at_sizes(result, ["seq"])
+
+
+class LinearOverTime(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x.transpose(1, 2))  # the time-mixing line
+
+
+def test_linear_over_a_dynamic_axis_refused():
+    """A weight sized by the sample's length cannot follow another length: PyTorch itself fails there."""
+    torch.manual_seed(6)
     with pytest.raises(ConversionError) as err:
-        _convert(TokenModel(), ids, {1: "seq"})
+        _convert(LinearOverTime(), torch.randn(2, 6, 3), {1: "t"})
     text = str(err.value)
-    assert "dynamic axis 'seq'" in text and "the position line" in text and "arange" in text
-    assert "nothing was converted" in text
+    assert "dynamic axis 't'" in text and "fails in PyTorch at t=12" in text and "the time-mixing line" in text
 
 
 def test_vit_other_sizes_refused():

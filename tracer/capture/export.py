@@ -75,16 +75,16 @@ def export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
 
 
 def export_dims(inputs: Sequence[Any], dims: Sequence[DynamicAxis]) -> tuple | None:
-    """torch.export's ``dynamic_shapes`` for ``dims``: one ``Dim`` per name, shared by its axes; the
-    batch stays static (tracer handles it from the recorded shapes)."""
+    """torch.export's ``dynamic_shapes`` for ``dims``: ``Dim.AUTO`` on each dynamic axis, so export infers
+    the guards (``T // 2 != 1``, axes that must be equal) instead of refusing the model; the range the user
+    gave is held by tracer's own runs at other sizes (tracer/dynamic.py), and an axis export specializes
+    shows up there as a size baked into the graph. The batch stays static (handled from recorded shapes)."""
     if not dims:
         return None
     spec: list[dict] = [{} for _ in inputs]
     for d in dims:
-        dim = torch.export.Dim(d.name, min=max(2, d.low), max=d.high) if d.high is not None else (
-            torch.export.Dim(d.name, min=max(2, d.low)))
         for i, axis in d.places:
-            spec[i][axis] = dim
+            spec[i][axis] = torch.export.Dim.AUTO
     return tuple(s or None for s in spec)
 
 

@@ -52,9 +52,16 @@ class _Sizes(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        if isinstance(result, (int, float, tuple, list, torch.Size)) and not isinstance(result, bool):
+        if isinstance(result, (int, float, tuple, list, torch.Size)) and not isinstance(result, bool) \
+                and not _holds_tensor(result):
             self.values[n.name] = result
         return result
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    return isinstance(value, (torch.Tensor, dict))
 
 
 def _values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any] | None:
