@@ -8,7 +8,8 @@ do here but swallows export errors and prints the export summary.)
 
 Only TFLite builtin ops are allowed unless ``allow_flex=True``; a model that would need Select TF
 ("Flex") ops is refused with the ops named. Full int8 needs calibration data: given in PyTorch's
-layout, it is permuted into the layouts the conversion chose for the Keras inputs.
+layout, it is permuted into the layouts the conversion chose for the Keras inputs
+(emitter/tflite_calibration.py). Inputs keep -1 on dynamic axes in the file's shape_signature.
 """
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ import sys
 import tempfile
 import warnings
 from collections import Counter
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
-
-import numpy as np
+from typing import Any, Callable, Iterator, Sequence
 
 from tracer.emitter.layers import reserve_name
+from tracer.emitter.tflite_calibration import (  # noqa: F401  (CalibrationError, calibration_samples: re-exported)
+    CALIB_LIMIT, CalibrationError, calibration_dataset, calibration_samples, check_calibration)
 from tracer.fixes.tflite_axis_linear_map import axis_linear_map_matmul
 from tracer.fixes.tflite_conv3d import conv3d_for_litert
 from tracer.fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as_conv
@@ -40,8 +40,6 @@ from tracer.ir import Phys
 log = logging.getLogger("tracer")
 
 KINDS = ("fp32", "fp16", "dynamic", "int8")
-CALIB_LIMIT = 256  # representative samples used at most (the converter's own advice: ~100-500)
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 
 # Export fixes, tried in order on every operation of the Keras graph: each returns a replacement
 # callable for the ops LiteRT lacks or gets wrong, or None. They change the exported copy only.
@@ -52,10 +50,6 @@ EXPORT_FIXES: tuple[Callable[[Any], Callable | None], ...] = (
 
 class TFLiteExportError(ConversionError):
     """The converter refused the model (unsupported or non-builtin ops, int8 kernels missing)."""
-
-
-class CalibrationError(InputError):
-    """Full-integer quantization was asked for without usable calibration data."""
 
 
 def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool = False,
@@ -239,8 +233,6 @@ def _details(text: str, n: int = 8) -> str:
     return head + "\n  ".join(ln[:300] for ln in lines[:n]) + more
 
 
-# --- calibration -------------------------------------------------------------------------------
-
 def check_options(kinds: Sequence[str], calib: Any = None, int8_io: bool = False,
                   random_calibration: bool = False) -> None:
     """Refuse bad TFLite options before any work is done (unknown kinds, int8 without data)."""
@@ -249,159 +241,8 @@ def check_options(kinds: Sequence[str], calib: Any = None, int8_io: bool = False
         raise InputError(f"unknown TFLite kind(s) {', '.join(map(repr, unknown))}; choose from {', '.join(KINDS)}")
     if int8_io and "int8" not in kinds:
         raise InputError("int8 I/O applies to the int8 model only; add 'int8' to the TFLite kinds")
-    if "int8" in kinds and calib is None and not random_calibration:
-        raise CalibrationError(
-            "full-integer int8 needs calibration data: pass calib= (a numpy array of samples in "
-            "PyTorch layout, a folder of .npy files or images, or a callable yielding input lists), "
-            "or --calib FILE.npy|DIR on the command line. random_calibration=True "
-            "(--random-calibration) calibrates on noise, which makes the int8 accuracy meaningless.")
-    if "int8" in kinds and isinstance(calib, (str, Path)) and not Path(calib).exists():
-        raise CalibrationError(f"calibration path {calib} does not exist")
-
-
-def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], random_calibration: bool,
-                        limit: int = CALIB_LIMIT, sample_shapes: Sequence[tuple] | None = None
-                        ) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
-    """A representative_dataset callable yielding {input name: sample} in the Keras model's layouts.
-    ``sample_shapes`` (PyTorch layout) give the sizes of dynamic axes for random and image samples;
-    real samples may have any size there."""
-    check_options(["int8"], calib, random_calibration=random_calibration)
-    names = [t.name for t in keras_model.inputs]  # the serving signature's input names
-    torch_shapes = [_torch_shape(tuple(t.shape), p) for t, p in zip(keras_model.inputs, layouts)]
-    sizes = _fill_dynamic(torch_shapes, sample_shapes)
-    if calib is None and any(d is None for s in sizes for d in s[1:]):
-        raise CalibrationError("random int8 calibration over dynamic axes needs the sample's sizes "
-                               "(sample_shapes=); or pass calib= with real samples")
-    if calib is None:
-        warnings.warn("int8 calibration on random normal inputs (random_calibration=True): the quantization "
-                      "ranges do not reflect real data, so the int8 model's accuracy is meaningless",
-                      UserWarning, stacklevel=3)
-
-    dtypes = [str(t.dtype) for t in keras_model.inputs]
-
-    def dataset() -> Iterator[dict[str, np.ndarray]]:
-        count = 0
-        for arrays in itertools.islice(calibration_samples(calib, torch_shapes, dtypes, sizes), limit):
-            # by name: the converter's own input order need not be the Keras model's
-            yield {n: np.ascontiguousarray(np.transpose(a, p.perm)) for n, a, p in zip(names, arrays, layouts)}
-            count += 1
-        if count == 0:
-            raise CalibrationError("the calibration data yielded no samples")
-
-    return dataset
-
-
-def calibration_samples(calib: Any, torch_shapes: Sequence[tuple], dtypes: Sequence[str] | None = None,
-                        sizes: Sequence[tuple] | None = None) -> Iterator[list[np.ndarray]]:
-    """One checked sample at a time, a list of (1, ...) arrays in PyTorch layout (random ones
-    of ``dtypes`` when ``calib`` is None). ``torch_shapes``: input shapes, batch first (any value),
-    None on a dynamic axis (any size); ``sizes``: the same with the sample's sizes there, for random
-    samples and images (default ``torch_shapes``)."""
-    sizes = list(sizes or torch_shapes)
-    if calib is None:
-        rng = np.random.default_rng(0)
-        dts = list(dtypes or ["float32"] * len(torch_shapes))
-        raw: Iterable = ([rng.integers(0, 2, (1, *s[1:])).astype(d) if not d.startswith("float")
-                          else rng.standard_normal((1, *s[1:])).astype(np.float32) for s, d in zip(sizes, dts)]
-                         for _ in range(64))
-    else:
-        raw = _source(calib, sizes)
-    for sample in raw:
-        yield _check_sample(sample, torch_shapes)
-
-
-def _fill_dynamic(torch_shapes: list[tuple], sample_shapes: Sequence[tuple] | None) -> list[tuple]:
-    """Input shapes with the unknown sizes past the batch (dynamic axes) taken from the sample's shapes."""
-    if not sample_shapes or len(sample_shapes) != len(torch_shapes):
-        return torch_shapes
-    return [(s[0], *(d if d is not None else int(o) for d, o in zip(s[1:], tuple(o_s)[1:])))
-            if len(o_s) == len(s) else s for s, o_s in zip(torch_shapes, sample_shapes)]
-
-
-def _torch_shape(keras_shape: tuple, phys: Phys) -> tuple:
-    """Torch shape (batch None) of an input whose Keras shape is ``keras_shape``."""
-    out: list = [None] * len(keras_shape)
-    for keras_axis, torch_axis in enumerate(phys.perm):
-        out[torch_axis] = keras_shape[keras_axis]
-    return tuple(out)
-
-
-def _source(calib: Any, torch_shapes: Sequence[tuple]) -> Iterable:
-    """The accepted calibration sources as an iterable of samples (one array or a list per sample)."""
-    if callable(calib):
-        return calib()
-    if isinstance(calib, (str, Path)):
-        path = Path(calib)
-        if path.is_dir():
-            return _folder_samples(path, torch_shapes)
-        if path.is_file() and path.suffix == ".npy":
-            return _split([np.load(path, allow_pickle=False)], torch_shapes)
-        raise CalibrationError(f"calibration path {path} is neither a folder nor a .npy file")
-    if isinstance(calib, np.ndarray):
-        return _split([calib], torch_shapes)
-    if isinstance(calib, (list, tuple)) and calib and all(isinstance(a, np.ndarray) for a in calib):
-        return _split(list(calib), torch_shapes)
-    raise CalibrationError(f"calibration data must be a numpy array, a list of arrays (one per input), a "
-                           f"folder, a .npy file or a callable; got {type(calib).__name__}")
-
-
-def _split(arrays: list[np.ndarray], torch_shapes: Sequence[tuple]) -> Iterator[list[np.ndarray]]:
-    """Arrays holding N samples each (or one sample without the batch axis) -> one sample at a time."""
-    if len(arrays) != len(torch_shapes):
-        raise CalibrationError(f"calibration gives {len(arrays)} array(s), the model takes {len(torch_shapes)} inputs")
-    batched = [a if a.ndim == len(s) else a[None] for a, s in zip(arrays, torch_shapes)]
-    for i in range(min(a.shape[0] for a in batched)):
-        yield [a[i:i + 1] for a in batched]
-
-
-def _folder_samples(path: Path, torch_shapes: Sequence[tuple]) -> Iterator[list[np.ndarray]]:
-    """Each .npy (samples of a one-input model), .npz (one array per input, in order) or image
-    file of the folder, in name order."""
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in {".npy", ".npz", *_IMAGE_SUFFIXES})
-    if not files:
-        raise CalibrationError(f"calibration folder {path} holds no .npy, .npz or image files")
-    for f in files:
-        if f.suffix == ".npy":
-            yield from _split([np.load(f, allow_pickle=False)], torch_shapes)
-        elif f.suffix == ".npz":
-            with np.load(f, allow_pickle=False) as z:
-                arrays = [z[k] for k in z.files]
-            yield from _split(arrays, torch_shapes)
-        else:
-            yield [_load_image(f, torch_shapes)]
-
-
-def _load_image(path: Path, torch_shapes: Sequence[tuple]) -> np.ndarray:
-    """An image file as a (1, C, H, W) float32 array in [0, 1], resized to the model's input."""
-    import tensorflow as tf
-
-    shape = torch_shapes[0]
-    if len(torch_shapes) != 1 or len(shape) != 4:
-        raise CalibrationError("image calibration needs a model with one (N, C, H, W) input; "
-                               f"it takes {list(torch_shapes)}")
-    _, c, h, w = shape
-    if c not in (1, 3):
-        raise CalibrationError(f"image calibration needs 1 or 3 input channels, the model has {c}; give .npy files")
-    image = tf.io.decode_image(path.read_bytes(), channels=c, expand_animations=False)
-    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (h, w)).numpy()
-    return np.transpose(image, (2, 0, 1))[None].astype(np.float32)
-
-
-def _check_sample(sample: Any, torch_shapes: Sequence[tuple]) -> list[np.ndarray]:
-    arrays = [sample] if not isinstance(sample, (list, tuple)) else list(sample)
-    arrays = [np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for a in arrays]
-    if len(arrays) != len(torch_shapes):
-        raise CalibrationError(f"a calibration sample has {len(arrays)} array(s), "
-                               f"the model takes {len(torch_shapes)} inputs")
-    out = []
-    for a, s in zip(arrays, torch_shapes):
-        a = a[None] if a.ndim == len(s) - 1 else a
-        if a.ndim != len(s) or any(d is not None and n != d for n, d in zip(a.shape[1:], s[1:])):
-            raise CalibrationError(f"calibration sample of shape {a.shape} does not fit the input shape "
-                                   f"(N, {', '.join('any' if d is None else str(d) for d in s[1:])}) "
-                                   "(PyTorch layout; 'any' is a dynamic axis)")
-        out.append(a.astype(np.float32) if a.dtype.kind == "f" else a)
-    return out
+    if "int8" in kinds:
+        check_calibration(calib, random_calibration)
 
 
 def op_counts(model_bytes: bytes) -> dict[str, int]:
