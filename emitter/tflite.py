@@ -105,8 +105,10 @@ def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool 
 
 def _refuse_int8_loops(kind: str, applied: Sequence[str]) -> None:
     """Full-integer calibration of a WHILE loop (a recurrent layer over a dynamic time axis,
-    fixes/tflite_rnn_while.py) crashes TensorFlow 2.21's calibrator with a segfault (measured on an
-    LSTM+GRU stack): refused before the converter runs. fp16 and dynamic-range keep the loop and work."""
+    fixes/tflite_rnn_while.py) crashes TensorFlow 2.21's calibrator with a segfault, even a bare
+    static-shape tf.while_loop (tensorflow/tensorflow#75140: the calibrator logs a WHILE output the op
+    deallocated for a loop variable passed through unchanged): refused before the converter runs.
+    fp16 and dynamic-range keep the loop and work. Delete this when the calibrator is fixed."""
     loops = [note.split(": ")[0] for note in applied if note.endswith(": rnn_while_loop")]
     if kind == "int8" and loops:
         raise TFLiteExportError(
