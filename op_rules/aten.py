@@ -79,8 +79,8 @@ def alias(targets: tuple, base: Any, rewrite: Rewrite | None = None, **kw_change
         idx = [node.inputs.index(i) for i in t.inputs]
         req_t, out = infer_with(lookup(t.target).layout, t, [ins[i] for i in idx], [shapes[i] for i in idx])
         req = [Phys.identity(len(s)) for s in shapes]  # inputs the rule does not read
-        for j, i in enumerate(idx):
-            req[i] = req_t[j]
+        for i, want in zip(idx, req_t):  # (a rule may list layouts only for the inputs it reads first)
+            req[i] = want
         return req, out
 
     def fn(node: OpNode, ctx: Emit) -> Any:

@@ -48,7 +48,8 @@ def _mask(node: OpNode, ctx: Emit, ref: Any, allowed_if_true: bool, shape: tuple
     if src.dtype == "bool":
         keep = m if allowed_if_true else keras.ops.logical_not(m)
         m = keras.ops.log(keras.ops.cast(keep, "float32"))  # 0 where kept, -inf elsewhere
-    return keras.ops.reshape(m, (-1, *shape[1:])) if tuple(m.shape[1:]) != tuple(shape[1:]) else m
+    fits = len(m.shape) == len(shape) and all(g is None or g == w for g, w in zip(m.shape[1:], shape[1:]))
+    return m if fits else keras.ops.reshape(m, (-1, *shape[1:]))  # (None: a dynamic axis, tracer/dynamic.py)
 
 
 def attend(node: OpNode, ctx: Emit, q: Any, k: Any, v: Any, factor: float, masks: list,

@@ -30,29 +30,66 @@ def _varying_axis(idx: np.ndarray, rank: int) -> int | None:
     return axes[0] if axes else None
 
 
-def _split(node: OpNode, ctx: Emit, index: tuple, rank: int) -> tuple[int, list[np.ndarray]]:
-    """(first indexed dim, constant index arrays) for ``full slices, index tensors, full slices``."""
+_PASS = {"unsqueeze", "view", "reshape", "_to_copy", "to", "clone", "contiguous", "alias", "lift_fresh_copy"}
+_ARANGE = {"arange", "arange.default", "arange.start", "arange.start_step"}
+
+
+def _short(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "_opname", None) or getattr(target, "__name__", "")
+
+
+def _is_positions(ctx: Emit, name: str) -> bool:
+    """Whether computed index tensor ``name`` is ``arange(T)`` with T a dynamic size (tracer/capture/sizes.py),
+    only moved into another shape by unit axes (``kv_idx = arange(T)[None, None, None, :]``): it takes the
+    whole axis, as the constant ``arange`` over it does at the sample's size."""
+    node = ctx.graph.nodes[name]["op"]
+    for _ in range(16):
+        kind, kw = _short(node.target), node.kw
+        if kind == "arange":
+            return isinstance(kw.get("end"), Ref) and kw.get("start", 0) == 0 and kw.get("step", 1) == 1
+        src = ctx.graph.nodes[node.inputs[0]]["op"] if node.inputs else None
+        if src is None or src.shape is None or node.shape is None:
+            return False
+        same = [d for d in src.shape if d != 1] == [d for d in node.shape if d != 1]
+        full = kind == "slice" and kw.get("start") in (0, None) and kw.get("step", 1) == 1 and (
+            kw.get("end") is None or isinstance(kw.get("end"), int) and kw["end"] >= 2 ** 62)
+        zero = kind == "add" and kw.get("other") == 0 and kw.get("alpha", 1) == 1
+        if not (same and (kind in _PASS or full or zero)):
+            return False
+        node = src
+    return False
+
+
+def _split(node: OpNode, ctx: Emit, index: tuple, rank: int) -> tuple[int, list[np.ndarray], list[bool]]:
+    """(first indexed dim, index arrays, whether each is arange over a dynamic size) for ``full slices,
+    index tensors, full slices``; computed ``arange(T)`` index tensors are taken at the sample's size."""
     text = "".join("t" if isinstance(i, Ref) else ("s" if i == slice(None) else "?") for i in index)
     if not re.fullmatch(r"s*t+s*", text):
         raise NotImplementedError(f"indexing {index!r}: several index tensors are converted when they are "
                                   "adjacent and every other entry is a full slice")
     start = text.index("t")
-    arrays = []
+    arrays, dynamic = [], []
     for i in index[start:start + text.count("t")]:
         src = ctx.graph.nodes[i.name]["op"]
+        dynamic.append(not src.is_constant and _is_positions(ctx, i.name))
+        if dynamic[-1]:
+            arrays.append(np.arange(int(np.prod(src.shape))).reshape(src.shape))
+            continue
         if not src.is_constant:
             raise NotImplementedError("indexing with several computed index tensors; use torch.gather")
         a = to_numpy(src.value)
         if a.dtype == bool:
             raise NotImplementedError("indexing with several boolean masks")
         arrays.append(a.astype(np.int64))
-    return start, arrays
+    return start, arrays, dynamic
 
 
 def outer_index(node: OpNode, ctx: Emit, x: Any, index: tuple) -> Any:
     """``x[..., i0, i1, ...]`` where each index tensor varies along its own axis of the broadcast shape."""
     in_shape = ctx.graph.nodes[node.inputs[0]]["op"].shape
-    start, arrays = _split(node, ctx, index, len(in_shape))
+    start, arrays, dynamic = _split(node, ctx, index, len(in_shape))
     bshape = np.broadcast_shapes(*(a.shape for a in arrays))
     placed = []  # (result axis or None, number of entries) per indexed dim
     for j, a in enumerate(arrays):
@@ -71,5 +108,9 @@ def outer_index(node: OpNode, ctx: Emit, x: Any, index: tuple) -> Any:
         perm = list(range(len(x.shape)))
         perm[start:start + len(arrays)] = [start + j for j in order]
         x = keras.ops.transpose(x, perm)
-    target = (*in_shape[:start], *bshape, *in_shape[start + len(arrays):])
-    return keras.layers.Reshape(target[1:], name=ctx.name(node, "reshape"))(x)
+    target = [*in_shape[:start], *bshape, *in_shape[start + len(arrays):]]
+    for j in (j for j, dyn in enumerate(dynamic) if dyn):  # its length follows a dynamic axis: Keras infers it
+        target[start + len(bshape) - len(arrays[j].shape) + arrays[j].shape.index(max(arrays[j].shape))] = -1
+    if target.count(-1) > 1:
+        raise NotImplementedError("index tensors along two dynamic axes; Keras infers one size (-1)")
+    return keras.layers.Reshape(tuple(target[1:]), name=ctx.name(node, "reshape"))(x)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from tracer.emitter import layers as L
 from tracer.emitter.context import Emit
 from tracer.op_rules.registry import Layout, rule
-from tracer.op_rules.sizes import dynamic_slices, has_dynamic_size
+from tracer.op_rules.sizes import dynamic_slices, has_dynamic_size, unfold_batch
 from tracer.ir import OpNode, Phys, Ref, op
 from tracer.passes.layout import drop_dims, permute_layout, regrouped_layout, reshape_layout, same_layout
 
@@ -41,6 +41,10 @@ def reshape(node: OpNode, ctx: Emit) -> Any:
     else:
         target = phys.keras_shape(node.shape)
     in_shape = op(ctx.graph, node.inputs[0]).shape
+    size = node.kw.get("size", node.kw.get("shape"))
+    if has_dynamic_size(size) and in_shape[0] != node.shape[0]:  # (B * T, ...) -> (B, T, ...), T dynamic
+        from tracer.op_rules.tensor_ops import sample_batch
+        return unfold_batch(node, ctx, x, tuple(size), in_shape, sample_batch(ctx))
     if tuple(target) == (1, *node.in_layouts[0].keras_shape(in_shape)):  # x.unsqueeze(0)
         return keras.ops.expand_dims(x, 0)
     if _moves_batch(in_shape, node.shape):

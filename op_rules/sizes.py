@@ -174,3 +174,20 @@ def dynamic_slices(node: OpNode, ctx: Emit, x: Any, index: list) -> tuple[Any, l
         x = keras.ops.take(x, positions(w, i.start or 0, i.step or 1), axis=axis)
         rest[k] = slice(None)
     return x, rest
+
+
+def unfold_batch(node: OpNode, ctx: Emit, x: Any, size: tuple, in_shape: tuple, batch: int) -> Any:
+    """``y.view(B, T, ...)`` of ``y`` (B * T, ...) whose rows fold a dynamic size T into the batch (a Linear
+    run on ``x.view(-1, C)``, GPT-2's Conv1D): Keras cannot reshape to two unknown sizes, so the rows are
+    gathered at ``b * T + t``."""
+    if [i for i, s in enumerate(size) if isinstance(s, Ref)] != [1] or size[0] != batch or not (
+            node.layout.is_identity and node.in_layouts[0].is_identity) or node.shape[0] * node.shape[1] != in_shape[0]:
+        raise _refuse(node, f"a reshape of {in_shape} to {node.shape} that splits the batch axis into the batch and "
+                            "sizes that follow dynamic axes (only (B * T, ...) -> (B, T, ...) is converted)")
+    w = ctx.tensor_input(node, ctx.index_of(node, size[1]))
+    n = keras.ops.cast(keras.ops.sum(w), "int32")
+    rows = keras.ops.expand_dims(positions(witness(ctx.anchor, 0)), 1) * n + keras.ops.expand_dims(positions(w), 0)
+    y = keras.ops.take(x, rows, axis=0)
+    if tuple(in_shape[1:]) == tuple(node.shape[2:]):
+        return y
+    return keras.layers.Reshape((-1, *node.shape[2:]), name=ctx.name(node, "reshape"))(y)

@@ -61,7 +61,7 @@ def _batched_constant(node: OpNode, ctx: Emit, value: np.ndarray) -> Any:
     return keras.ops.multiply(batch_ones(ctx, value.ndim, ctx.name(node, "batch")), const)
 
 
-def _sample_batch(ctx: Emit) -> int:
+def sample_batch(ctx: Emit) -> int:
     """The batch size of the sample input (axis 0 of the first input)."""
     first = next(n for n in ordered(ctx.graph) if n.kind == "placeholder")
     return first.shape[0] if first.shape else 1
@@ -92,7 +92,7 @@ def expand(node: OpNode, ctx: Emit) -> Any:
     if isinstance(x, np.ndarray):  # a constant (a token, a table): tiled here, batch at runtime
         value = to_numpy(src.value).reshape((1,) * (node.rank - src.rank) + tuple(src.shape))
         value = np.tile(value, [1] + reps[1:])
-        if value.shape[0] == 1 and node.shape[0] == _sample_batch(ctx):  # sized by x.shape[0]: the batch
+        if value.shape[0] == 1 and node.shape[0] == sample_batch(ctx):  # sized by x.shape[0]: the batch
             return _batched_constant(node, ctx, value)
         if reps[0] != 1:
             raise NotImplementedError(f"repeating a constant of batch size {value.shape[0]} along the batch axis")
@@ -103,7 +103,7 @@ def expand(node: OpNode, ctx: Emit) -> Any:
     phys = node.layout
     physical = [reps[p] for p in phys.perm]
     # a unit axis 0 repeated to the batch size (XCiT: pos.repeat(B, 1, 1, 1)): ones of the runtime batch
-    batched = src.shape[0] == 1 and reps[0] > 1 and reps[0] == _sample_batch(ctx) and phys.perm[0] == 0
+    batched = src.shape[0] == 1 and reps[0] > 1 and reps[0] == sample_batch(ctx) and phys.perm[0] == 0
     physical[0] = 1 if batched else physical[0]
     y = x if all(r == 1 for r in physical) else keras.ops.tile(x, physical)
     if batched:
@@ -153,7 +153,7 @@ def batch_sized_full(node: OpNode, ctx: Emit) -> Any:
     fill = float(node.kw.get("fill_value", node.args[-1] if node.args else 0.0)) if fill is None else fill
     size = node.kw.get("size")
     if has_dynamic_size(size):  # sizes that follow a dynamic axis (tracer/capture/sizes.py)
-        return filled(node, ctx, tuple(size), fill, _sample_batch(ctx))
+        return filled(node, ctx, tuple(size), fill, sample_batch(ctx))
     dtype = _KERAS_DTYPE.get(node.dtype, node.dtype)
     return _batched_constant(node, ctx, np.full((1, *node.shape[1:]), fill, dtype=dtype))
 
