@@ -1,5 +1,6 @@
 """Start-up: ``import tracer``, ``tracer --help`` and every bad-input error import neither torch nor
-TensorFlow (so they answer in well under a second), and Ctrl-C while TensorFlow loads is one line."""
+TensorFlow (so they answer in well under a second), and Ctrl-C before anything is written (torch and
+TensorFlow loading, the capture's lazy imports) is one line and exit 130."""
 from __future__ import annotations
 
 import json
@@ -110,20 +111,64 @@ def test_model_errors_answer_before_tensorflow(target, extra, message, tmp_path)
     assert not facts["tensorflow"] and not facts["keras"]
 
 
-@pytest.mark.slow  # timing-dependent: a fresh-clone run got RecursionError (exit 3) when SIGINT landed mid-import
-def test_ctrl_c_while_tensorflow_loads_is_one_line_exit_130(files, tmp_path):
-    """SIGINT during start-up (importing torch and TensorFlow): one line, exit 130, no traceback."""
+# (marker line, seconds after it): inside torch's import (torch._C imports numpy from C), Keras and
+# TensorFlow's, and capture's lazy imports of sympy / torch._dynamo, each of which once swallowed the
+# interrupt or left a half-imported module behind (RecursionError, exit 3)
+CTRL_C_MOMENTS = [("start-up", 0.0), ("start-up", 0.15), ("start-up", 0.3), ("start-up", 0.6), ("start-up", 1.2),
+                  ("start-up", 2.0), ("capture", 0.2)]
+
+
+@pytest.mark.parametrize("marker, delay", CTRL_C_MOMENTS, ids=[f"{m}+{d}s" for m, d in CTRL_C_MOMENTS])
+def test_ctrl_c_before_anything_is_written_is_one_line_exit_130(marker, delay, files, tmp_path):
+    """SIGINT while torch and TensorFlow load or the model is captured: one line, exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "convert", files["model"], "--input-shape", "1,3",
                              "-o", str(tmp_path / "out")], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             cwd=tmp_path, env={**os.environ, "CI": "1"})
-    first = proc.stderr.readline()  # "[tracer] start-up: importing torch and TensorFlow, ..." comes just before
-    assert "start-up" in first, first
-    time.sleep(0.3)
+    before = []  # "[tracer] start-up: importing torch and TensorFlow, ..." / "[tracer] capture: with torch.fx"
+    while not before or not before[-1].startswith(f"[tracer] {marker}:"):
+        before.append(proc.stderr.readline())
+        assert before[-1], f"the process ended before {marker}: {''.join(before)}"
+    time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=120)
-    lines = [line for line in rest.strip().splitlines() if line]
-    if proc.returncode == 0:
-        pytest.skip("the start-up finished before the signal arrived")
+    out, rest = proc.communicate(timeout=120)
+    if "converted in" in out:  # (a signal during the interpreter's exit after that ends it by SIGINT: -2)
+        pytest.skip(f"the conversion finished within {delay}s of {marker}, before the signal arrived")
     assert proc.returncode == 130, rest
-    assert lines == ["tracer: interrupted; nothing written"], rest
+    assert [line for line in rest.splitlines() if line.strip()] == ["tracer: interrupted; nothing written"], rest
     assert not (tmp_path / "out").exists()
+
+
+def test_exit_on_interrupt_ends_the_process_whatever_the_block_does_with_the_interrupt(tmp_path):
+    """The mechanism on its own: the block swallows KeyboardInterrupt, as torch does inside its imports, and
+    has fd 2 pointed at /dev/null (quiet_stderr, as while TensorFlow loads); the line still reaches
+    stderr, the exit code is 130 and an open TemporaryDirectory (the TFLite export's) is removed.
+    After the block, Ctrl-C is a KeyboardInterrupt again."""
+    script = textwrap.dedent("""
+        import os, signal, sys, tempfile, time
+        from tracer.backends import exit_on_interrupt, quiet_stderr
+        with exit_on_interrupt("tracer: interrupted; nothing written", 130, before=lambda: print("closed")):
+            pass
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            print("after the block: KeyboardInterrupt", flush=True)
+        with exit_on_interrupt("tracer: interrupted; nothing written", 130, before=lambda: print("closed")):
+            with quiet_stderr(), tempfile.TemporaryDirectory(prefix="tracer-tflite-") as tmp:
+                print(tmp, flush=True)
+                for _ in range(50):
+                    try:
+                        os.kill(os.getpid(), signal.SIGINT)
+                        time.sleep(0.1)
+                    except BaseException:
+                        pass
+        print("went on")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env={**os.environ, "TRACER_TF_LOGS": "", "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "tracer: interrupted; nothing written\n"
+    after, tmp, closed = proc.stdout.splitlines()
+    assert (after, closed) == ("after the block: KeyboardInterrupt", "closed")
+    assert Path(tmp).parent == tmp_path and not Path(tmp).exists()

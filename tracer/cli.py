@@ -6,17 +6,21 @@ shapes, weights); 3 could not convert (unsupported ops, a rule failed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from typing import Any
 
 from pathlib import Path
 
+from tracer.backends import exit_on_interrupt, import_quietly
 from tracer.inputs import (check_dtypes, check_file, check_output_dir, check_runs, check_target, check_weights_file,
                            load_inputs, load_model, load_weights, make_sample, parse_init, parse_shape)
+from tracer.options import add_convert_options, parse_dynamic_axes  # noqa: F401 (tracer.cli.parse_dynamic_axes)
 from tracer.progress import Progress
 
 EXIT_OK, EXIT_PARITY, EXIT_INPUT, EXIT_CONVERT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+INTERRUPTED, NOTHING_WRITTEN = "interrupted", "; nothing written"
 
 EPILOG = """\
 examples:
@@ -72,42 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert module.py:Name (an nn.Module class or a factory returning one) "
                                    "to Keras and check parity.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("target", help="path/to/module.py:ClassOrFactory")
-    c.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
-                   help="shape of one forward() input, batch first; repeat for several inputs")
-    c.add_argument("--input-dtype", action="append", default=None, metavar="DTYPE",
-                   help="dtype per input (default float32), e.g. int64 for token ids")
-    c.add_argument("--init-args", default=None, metavar="JSON",
-                   help="constructor/factory arguments: a JSON object (keywords) or list (positional)")
-    c.add_argument("--weights", default=None, metavar="FILE.pt",
-                   help="state_dict to load (torch.load with weights_only=True; strict key match)")
-    c.add_argument("-o", "--output", default="tracer_out", metavar="OUTDIR",
-                   help="output folder: model.keras, saved_model/, report.json (default: tracer_out)")
-    c.add_argument("--channels-last-io", action="store_true",
-                   help="image inputs/outputs in NHWC (TensorFlow's layout) instead of PyTorch's NCHW")
-    c.add_argument("--fold-bn", action="store_true",
-                   help="inference model: fold BatchNorm into the conv/linear before it and sum parallel "
-                        "conv branches of one input into one conv (RepVGG blocks become one 3x3 conv), absorb "
-                        "channel shuffles into the weights; "
-                        "fewer layers, faster. By default every layer stays trainable")
-    c.add_argument("--inputs", action="append", default=[], metavar="FILE",
-                   help=".npy (one input) or .npz/.pt (several, in order) to also compare on; repeatable")
-    c.add_argument("--random-inputs", type=int, default=3, metavar="N", help="random inputs to compare on (default 3)")
-    c.add_argument("--tol", type=float, default=1e-5, help="parity tolerance (default 1e-5, fp32)")
-    c.add_argument("--capture", choices=["auto", "fx", "export"], default="auto",
-                   help="auto (default): torch.fx, and torch.export when fx cannot trace the model "
-                        "(data-dependent control flow, shape asserts); fx or export force one")
-    c.add_argument("--dynamic-axis", action="append", default=[], metavar="INPUT:AXIS[=NAME]",
-                   help="a torch axis (besides the batch) of input INPUT (0-based) whose size may change, e.g. "
-                        "0:3=time; axes sharing a NAME are one size; repeatable")
-    c.add_argument("--no-saved-model", action="store_true", help="skip the TensorFlow SavedModel export")
-    c.add_argument("--keep-on-mismatch", action="store_true", help="write the model even when parity fails")
-    _add_tflite_arguments(c)
-    c.add_argument("--verify", choices=["basic", "deep"], default="basic",
-                   help="basic: outputs only (default); deep: also every intermediate node, gradients and one "
-                        "training step, written to report.html and report.json")
-    c.add_argument("--debug", action="store_true", help="show tracebacks")
-    c.add_argument("-q", "--quiet", action="store_true", help="print only errors and the verdict")
+    add_convert_options(c)
     _add_verify_command(sub)
     from tracer.batch.command import add_parser as add_batch_command  # light: no torch / TensorFlow
     add_batch_command(sub)
@@ -141,25 +110,11 @@ def _verify_command(args: argparse.Namespace) -> int:
         raise InputError(f"{report} not found: OUTDIR must be a folder written by tracer convert")
     for path in args.inputs:
         check_file(path, "inputs")
-    from tracer.backends import import_quietly
-    import_quietly()
-    from tracer.verify.command import verify_outdir
     say = (lambda m: None) if args.quiet else (lambda m: print(f"[tracer] {m}", file=sys.stderr, flush=True))
-    return verify_outdir(args, say)
-
-
-def _add_tflite_arguments(c: argparse.ArgumentParser) -> None:
-    t = c.add_argument_group("LiteRT / TFLite export", "each kind is written as model_KIND.tflite and run in "
-                             "LiteRT on the parity inputs: fp32 must match, the others are reported")
-    t.add_argument("--tflite", action="append", default=[], metavar="KIND", choices=["fp32", "fp16", "dynamic", "int8"],
-                   help="fp32, fp16, dynamic (int8 weights) or int8 (full integer); repeatable")
-    t.add_argument("--calib", default=None, metavar="FILE.npy|DIR",
-                   help="int8 calibration samples in PyTorch layout: a .npy of N samples, or a folder of "
-                        ".npy/.npz/image files (images scaled to [0, 1])")
-    t.add_argument("--int8-io", action="store_true", help="int8 model inputs/outputs (default: float)")
-    t.add_argument("--random-calibration", action="store_true",
-                   help="int8 without --calib: calibrate on random inputs (accuracy is then meaningless)")
-    t.add_argument("--allow-flex", action="store_true", help="allow Select TF (Flex) ops in the .tflite files")
+    with exit_on_interrupt(f"tracer: {INTERRUPTED}{NOTHING_WRITTEN}", EXIT_INTERRUPTED):  # see _until_writing;
+        import_quietly()                                   # the reports are written last (report.json whole)
+        from tracer.verify.command import verify_outdir
+        return verify_outdir(args, say)
 
 
 def _tflite_options(args: argparse.Namespace) -> dict:
@@ -186,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "batch":
                 from tracer.batch.command import main as batch_main
                 return batch_main(args)
-            return _verify_command(args) if args.command == "verify" else _convert(args, track)
+            if args.command == "verify":
+                return _verify_command(args)
+            return _convert(args, track, exit_on_ctrl_c=True)
     except KeyboardInterrupt:
         track.close()
         wrote = "writing" in track.times or track.current == "writing"
-        print(f"tracer: interrupted{'' if wrote else '; nothing written'}", file=sys.stderr)
+        print(f"tracer: {INTERRUPTED}{'' if wrote else NOTHING_WRITTEN}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # one clear line (or the rule listing) unless --debug
         track.close()
@@ -250,32 +207,22 @@ def check_convert_args(args: argparse.Namespace) -> tuple[list[list[int]], list[
     return shapes, dtypes
 
 
-def parse_dynamic_axes(texts: list[str], shapes: list[list[int]]) -> tuple[dict[int, str], ...] | None:
-    """``--dynamic-axis INPUT:AXIS[=NAME]`` values as ``convert_model``'s ``dynamic_shapes`` (None for none)."""
-    from tracer.errors import InputError
-    if not texts:
-        return None
-    found: list[dict[int, str]] = [{} for _ in shapes]
-    for text in texts:
-        spec, _, name = text.partition("=")
-        where, sep, axis = spec.partition(":")
-        try:
-            i, a = int(where), int(axis)
-        except ValueError:
-            raise InputError(f"--dynamic-axis {text!r} must be INPUT:AXIS[=NAME], e.g. 0:3=time") from None
-        if not sep or not 0 <= i < len(shapes) or not -len(shapes[i]) <= a < len(shapes[i]):
-            raise InputError(f"--dynamic-axis {text!r}: there is no input {where} with an axis {axis} "
-                             f"(input shapes {', '.join('x'.join(map(str, s)) for s in shapes)})")
-        if a % len(shapes[i]) == 0:
-            raise InputError(f"--dynamic-axis {text!r}: axis 0 is the batch axis, which is always dynamic")
-        if name and not name.isidentifier():
-            raise InputError(f"--dynamic-axis {text!r}: the name {name!r} must be an identifier (letters, digits, _)")
-        found[i][a % len(shapes[i])] = name or f"input{i}_axis{a % len(shapes[i])}"
-    return tuple(found)
-
-
-def _convert(args: argparse.Namespace, track: Progress) -> int:
+def _convert(args: argparse.Namespace, track: Progress, exit_on_ctrl_c: bool = False) -> int:
     shapes, dtypes = check_convert_args(args)
+    with _until_writing(track, exit_on_ctrl_c):
+        result, report, ok, deep_ok = _convert_and_check(args, track, shapes, dtypes)
+    _write(args, track, result, report, keep=ok or args.keep_on_mismatch)
+    facts = result.facts()
+    track.close()
+    print(f"converted in {track.total():.2f}s: {facts['nodes']} ops, {facts['transpose_ops']} Transpose, "
+          f"{facts['keras_params']:,} parameters -> {args.output}/")
+    if not args.quiet:
+        print(track.summary())
+    return EXIT_OK if ok and deep_ok else EXIT_PARITY
+
+
+def _convert_and_check(args: argparse.Namespace, track: Progress, shapes: list, dtypes: list) -> tuple:
+    """Everything before the first file is written: (result, report, parity ok, deep checks ok)."""
     with track.stage("start-up", "importing torch and TensorFlow, building the model"):
         model = load_model(args.target, args.init_args)  # torch only: a model that does not build or fit
         if args.weights:                                 # is refused before TensorFlow loads
@@ -283,17 +230,15 @@ def _convert(args: argparse.Namespace, track: Progress) -> int:
         sample = make_sample(shapes, dtypes, args.inputs)
         check_runs(model, sample, shapes)
         extra = [load_inputs(f, len(shapes)) for f in args.inputs]
-        from tracer.backends import import_quietly
         import_quietly()
         from tracer.api import convert_model
-        from tracer.emitter.save import save_outputs
     result = convert_model(model, sample, channels_last_io=args.channels_last_io, fold_bn=args.fold_bn,
                            n_random=args.random_inputs,
                            extra_inputs=extra, tol=args.tol, raise_on_mismatch=False, progress=track, capture=args.capture,
                            dynamic_shapes=parse_dynamic_axes(args.dynamic_axis, shapes), **_tflite_options(args))
     report = {"target": args.target, "input_shapes": shapes, "parity": result.report.to_dict(),
               "conversion": result.facts(), "invocation": _invocation(args, shapes, dtypes)}
-    tflite_section, tflite_files = _tflite_outputs(result)
+    tflite_section, _ = _tflite_outputs(result)
     if tflite_section:
         report["tflite"] = tflite_section
     print(result.report.summary())
@@ -305,7 +250,12 @@ def _convert(args: argparse.Namespace, track: Progress) -> int:
         from tracer.verify.command import verify_for_convert
         with track.stage("verify", "every node, gradients and one training step"):
             deep_ok = verify_for_convert(model, result, sample, extra, args, report, track)
-    keep = ok or args.keep_on_mismatch
+    return result, report, ok, deep_ok
+
+
+def _write(args: argparse.Namespace, track: Progress, result: Any, report: dict, keep: bool) -> None:
+    from tracer.emitter.save import save_outputs
+    _, tflite_files = _tflite_outputs(result)
     files = ("model.keras" + ("" if args.no_saved_model else ", saved_model/") + ", " if keep else "") + "report.json"
     with track.stage("writing", f"{args.output}/ ({files}{''.join(', ' + f for f in tflite_files) if keep else ''})"):
         report["stage_seconds"] = {k: round(v, 3) for k, v in track.times.items()}
@@ -321,13 +271,19 @@ def _convert(args: argparse.Namespace, track: Progress) -> int:
     if not keep:
         print(f"tracer: parity failed; wrote only {args.output}/report.json "
               "(--keep-on-mismatch writes the model too)", file=sys.stderr)
-    facts = result.facts()
-    track.close()
-    print(f"converted in {track.total():.2f}s: {facts['nodes']} ops, {facts['transpose_ops']} Transpose, "
-          f"{facts['keras_params']:,} parameters -> {args.output}/")
-    if not args.quiet:
-        print(track.summary())
-    return EXIT_OK if ok and deep_ok else EXIT_PARITY
+
+
+def _until_writing(track: Progress, exit_now: bool) -> Any:
+    """Ctrl-C before the first file is written: one line and exit 130 at once (tracer.backends.exit_on_interrupt).
+    torch and TensorFlow import lazily all along (TensorFlow at start-up, sympy and torch._dynamo
+    in capture, ...) and a KeyboardInterrupt raised inside those imports does not always unwind: it
+    was swallowed (the conversion went on and wrote its files) or left half-imported modules behind
+    (RecursionError or AttributeError, exit 3), in the TFLite export too. From writing on, it unwinds
+    as usual (save_outputs removes its partial folder). ``tracer batch``'s workers (run_convert) keep
+    the KeyboardInterrupt, which they report as their outcome."""
+    if not exit_now:
+        return contextlib.nullcontext()
+    return exit_on_interrupt(f"tracer: {INTERRUPTED}{NOTHING_WRITTEN}", EXIT_INTERRUPTED, before=track.close)
 
 
 def _invocation(args: argparse.Namespace, shapes: list, dtypes: list) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tracer.errors import InputError
+from tracer.options import convert_options
 
 DEFAULT_TIMEOUT_S = 1800.0
 DEFAULT_MEMORY_MB = 8192
@@ -101,10 +102,9 @@ def file_digest(path: Path) -> str:
 
 
 def convert_actions() -> dict[str, argparse.Action]:
-    """``tracer convert``'s options by destination name, read from the CLI's own parser."""
-    from tracer.cli import build_parser
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a for a in sub.choices["convert"]._actions if a.dest not in NOT_OPTIONS}
+    """``tracer convert``'s options by destination name, as the command line defines them (tracer/options.py),
+    less those an entry sets through its own fields."""
+    return {dest: a for dest, a in convert_options().items() if dest not in NOT_OPTIONS}
 
 
 def load(path: str | Path) -> list[Entry]:

@@ -104,7 +104,7 @@ def verify_outdir(args: Any, say: Any) -> int:
 def _dynamic_axes(args: Any, inv: dict) -> tuple[tuple[dict[int, str], ...] | None, set[tuple[int, int]]]:
     """The dynamic axes to check: ``--dynamic-axis`` of ``tracer verify``, else those ``tracer convert`` was
     given (report.json); and the (input, axis) places the saved files were converted with dynamic."""
-    from tracer.cli import parse_dynamic_axes  # the one parser of --dynamic-axis (checks it against the shapes)
+    from tracer.options import parse_dynamic_axes  # the one parser of --dynamic-axis (checks it against the shapes)
     shapes, given = inv["input_shapes"], list(inv.get("dynamic_axis") or [])
     recorded = {(i, axis) for i, axes in enumerate(parse_dynamic_axes(given, shapes) or ()) for axis in axes}
     return parse_dynamic_axes(list(getattr(args, "dynamic_axis", None) or given), shapes), recorded
