@@ -18,9 +18,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import keras
-from keras import ops
 
-from tracer.fixes.tflite_rnn_while import time_is_dynamic
+from tracer.fixes.tflite_rnn_while import bidirectional, time_is_dynamic
 
 
 def _loops(layer: Any) -> bool:
@@ -34,31 +33,12 @@ def _unrolled(layer: Any) -> Any:
                             go_backwards=layer.go_backwards, unroll=True, name=f"{layer.name}_unrolled")
 
 
-def _bidirectional(op: Any) -> Callable:
-    fwd, bwd = _unrolled(op.forward_layer), _unrolled(op.backward_layer)
-
-    def call(x: Any, initial_state: Any = None, **_: Any) -> Any:
-        half = None if initial_state is None else len(initial_state) // 2
-        y = fwd(x, initial_state=None if half is None else list(initial_state[:half]))
-        y_rev = bwd(x, initial_state=None if half is None else list(initial_state[half:]))
-        states = ()
-        if op.return_state:
-            states = tuple(y[1:]) + tuple(y_rev[1:])
-            y, y_rev = y[0], y_rev[0]
-        if op.return_sequences:
-            y_rev = ops.flip(y_rev, axis=1)
-        out = ops.concatenate([y, y_rev], axis=-1)
-        return (out, *states) if op.return_state else out
-
-    return call
-
-
 def rnn_unrolled(operation: Any) -> Callable | None:
     """Export fix: a looping Keras RNN layer (or a concat ``Bidirectional`` of two) as its unrolled twin."""
     if isinstance(operation, keras.layers.Bidirectional):
         if operation.merge_mode == "concat" and not time_is_dynamic(operation) and \
                 _loops(operation.forward_layer) and _loops(operation.backward_layer):
-            return _bidirectional(operation)
+            return bidirectional(operation, _unrolled)
         return None
     if _loops(operation):
         layer = _unrolled(operation)

@@ -77,8 +77,10 @@ def while_loop_rnn(layer: Any) -> Callable:
     return call
 
 
-def _bidirectional(op: Any) -> Callable:
-    fwd, bwd = while_loop_rnn(op.forward_layer), while_loop_rnn(op.backward_layer)
+def bidirectional(op: Any, direction: Callable[[Any], Callable]) -> Callable:
+    """A concat ``Bidirectional`` as its two directions, each ``direction(layer)`` (called as
+    ``f(x, initial_state=...)``), the backward sequence flipped back and concatenated as Keras does."""
+    fwd, bwd = direction(op.forward_layer), direction(op.backward_layer)
 
     def call(x: Any, initial_state: Any = None, **_: Any) -> Any:
         half = None if initial_state is None else len(initial_state) // 2
@@ -100,7 +102,7 @@ def rnn_while_loop(operation: Any) -> Callable | None:
     """Export fix: a Keras RNN layer (or a concat ``Bidirectional`` of two) over a dynamic time axis as a
     while loop the TFLite converter keeps as builtin WHILE."""
     if isinstance(operation, keras.layers.Bidirectional):
-        return _bidirectional(operation) if _dynamic_pair(operation) else None
+        return bidirectional(operation, while_loop_rnn) if _dynamic_pair(operation) else None
     if _loops(operation) and time_is_dynamic(operation):
         return while_loop_rnn(operation)
     return None
