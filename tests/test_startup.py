@@ -114,6 +114,10 @@ def test_model_errors_answer_before_tensorflow(target, extra, message, tmp_path)
 # (marker line, seconds after it): inside torch's import (torch._C imports numpy from C), Keras and
 # TensorFlow's, and capture's lazy imports of sympy / torch._dynamo, each of which once swallowed the
 # interrupt or left a half-imported module behind (RecursionError, exit 3)
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 CTRL_C_MOMENTS = [("start-up", 0.0), ("start-up", 0.15), ("start-up", 0.3), ("start-up", 0.6), ("start-up", 1.2),
                   ("start-up", 2.0), ("capture", 0.2)]
 
@@ -123,7 +127,8 @@ def test_ctrl_c_before_anything_is_written_is_one_line_exit_130(marker, delay, f
     """SIGINT while torch and TensorFlow load or the model is captured: one line, exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "convert", files["model"], "--input-shape", "1,3",
                              "-o", str(tmp_path / "out")], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            cwd=tmp_path, env={**os.environ, "CI": "1"})
+                            cwd=tmp_path, env={**os.environ, "CI": "1"},
+                            preexec_fn=_default_sigint)  # a test run started with `&` by a script ignores SIGINT
     before = []  # "[tracer] start-up: importing torch and TensorFlow, ..." / "[tracer] capture: with torch.fx"
     while not before or not before[-1].startswith(f"[tracer] {marker}:"):
         before.append(proc.stderr.readline())
@@ -166,7 +171,7 @@ def test_exit_on_interrupt_ends_the_process_whatever_the_block_does_with_the_int
         print("went on")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60,
-                          env={**os.environ, "TRACER_TF_LOGS": "", "TMPDIR": str(tmp_path)})
+                          env={**os.environ, "TRACER_TF_LOGS": "", "TMPDIR": str(tmp_path)}, preexec_fn=_default_sigint)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "tracer: interrupted; nothing written\n"
     after, tmp, closed = proc.stdout.splitlines()
