@@ -49,7 +49,29 @@ def _mask(node: OpNode, ctx: Emit, ref: Any, allowed_if_true: bool, shape: tuple
         keep = m if allowed_if_true else keras.ops.logical_not(m)
         m = keras.ops.log(keras.ops.cast(keep, "float32"))  # 0 where kept, -inf elsewhere
     fits = len(m.shape) == len(shape) and all(g is None or g == w for g, w in zip(m.shape[1:], shape[1:]))
-    return m if fits else keras.ops.reshape(m, (-1, *shape[1:]))  # (None: a dynamic axis, tracer/dynamic.py)
+    if fits:
+        return m
+    if any(g is None for g in m.shape[1:]):  # a dynamic axis (tracer/dynamic.py): only unit axes are added
+        return _unit_axes(m, src.shape, shape)
+    return keras.ops.reshape(m, (-1, *shape[1:]))
+
+
+def _unit_axes(m: Any, have: tuple, shape: tuple) -> Any:
+    """Mask ``m`` (torch shape ``have``, dynamic axes None in Keras) as ``shape``, which adds unit axes:
+    in front (a (T, T) mask as (1, 1, T, T)) or, with one dynamic axis, anywhere ((B, S) as (B, 1, 1, S))."""
+    lead = len(shape) - len(have)
+    if lead >= 0 and tuple(shape[lead:]) == tuple(have) and all(d == 1 for d in shape[:lead]):
+        for _ in range(lead):
+            m = keras.ops.expand_dims(m, 0)
+        return m
+    src = [k for k, d in enumerate(have) if d != 1]
+    dst = [k for k, d in enumerate(shape) if d != 1]
+    target = list(shape)
+    for a, b in zip(src, dst):
+        target[b] = -1 if a and m.shape[a] is None else target[b]
+    if [have[k] for k in src] != [shape[k] for k in dst] or target.count(-1) != 1 or (src[:1] != [0]) != (dst[:1] != [0]):
+        raise NotImplementedError(f"a mask of shape {have} with dynamic axes cannot be laid out as {shape}")
+    return keras.layers.Reshape(tuple(target[1:]))(m)
 
 
 def attend(node: OpNode, ctx: Emit, q: Any, k: Any, v: Any, factor: float, masks: list,

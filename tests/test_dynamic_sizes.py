@@ -122,3 +122,16 @@ def test_difference_of_two_dynamic_sizes_refused_naming_the_line():
     text = str(err.value)
     assert "the difference line" in text and "sub of two sizes that both follow dynamic axes" in text
     assert "keep that axis static" in text
+
+
+@pytest.mark.parametrize("model,capture,longest", [("Encoder", "fx", 16), ("GPTLike", "fx", 9), ("GPTLike", "export", 9)],
+                         ids=["encoder-fx", "gpt-fx", "gpt-export"])
+def test_token_models_with_masks_keras_and_litert(model, capture, longest):
+    """A key padding mask (nn.TransformerEncoder) and a causal mask from ``tril(ids.new_ones(t, t))``, with
+    the length bounded by the position table (``torch.export.Dim`` max)."""
+    from tests import test_text_models as text
+    seq = torch.export.Dim("seq", max=longest)
+    result = convert_model(getattr(text, model)().eval(), text.token_inputs(), capture=capture, n_random=1,
+                           dynamic_shapes=({1: seq}, {1: seq}), raise_on_mismatch=False, tflite=("fp32",))
+    errors = assert_parity_at_sizes(result, "seq")
+    assert len(errors) == 3, errors  # the sample and two other lengths, each within FP32_TOL above

@@ -2,11 +2,13 @@
 captured graph is the same at other sizes.
 
 ``dynamic_shapes=({2: "h", 3: "w"},)`` names, per input, the axes whose size may change; axes that
-share a name have the same size. The model is captured a second time per name, its inputs resized
-along that name's axes, and the two IR graphs are compared node by node. A node whose folded
-arguments differ (a reshape target holding the size, ``torch.arange(T)``, a slice bound computed
-from ``x.shape``) would bake the sample's size into the Keras model: it is refused in one error that
-names the dynamic axis, the op, the user's line and what to do. So are rules that read a size along a
+share a name have the same size. Sizes computed from a dynamic axis (``x.shape[1] // 2``,
+``torch.arange(T)``, ``zeros(B, T)``, a slice bound ``buf[:, :T]``) stay runtime computation: capture
+finds them by running the model at another size (tracer/capture/sizes.py) and op_rules/sizes.py emits
+them. The model is then captured a second time per name, its inputs resized along that name's axes,
+and the two IR graphs are compared node by node. A node whose folded arguments still differ (a size
+computed in a way capture cannot follow) would bake the sample's size into the Keras model: it is
+refused in one error that names the dynamic axis, the op, the user's line and what to do. So are rules that read a size along a
 dynamic axis from the recorded shape (a reshape whose result changes size beyond the batch axis,
 adaptive pooling to a fixed size that is not global). Nodes whose shapes change but whose arguments
 do not (convolutions, elementwise ops, pooling with fixed kernels, RNN layers, reductions) are fine.
@@ -169,8 +171,9 @@ def check_dynamic(graph: nx.DiGraph, dims: Sequence[DynamicAxis], recapture: Cal
         lines = "\n".join(f"  {k}. {p}" for k, p in enumerate(dict.fromkeys(problems), 1))
         raise ConversionError(f"{len(problems)} operation(s) would fix a dynamic size to the sample's; nothing "
                               f"was converted:\n{lines}\nKeep those axes static (leave them out of dynamic_shapes / "
-                              "--dynamic-axis), or compute the size from the tensor in a way that does not fold "
-                              "it into a constant (x.flatten(1) after a global pool, a fixed-size pool, -1 in view)")
+                              "--dynamic-axis), or compute the size from the tensor in a way tracer follows (x.shape[1], "
+                              "x.size(1) and + - * // with numbers on them, -1 in view, x.flatten(1) after a global "
+                              "pool, a fixed-size pool)")
     return {name: tuple(sorted(axes)) for name, axes in changed.items()}
 
 
@@ -220,6 +223,8 @@ def _reshape_difference(graph: nx.DiGraph, other: nx.DiGraph, n: OpNode, m: OpNo
     if not (n.shape and m.shape and n.inputs) or n.shape[1:] == m.shape[1:]:
         return None
     src_n, src_m = graph.nodes[n.inputs[0]]["op"], other.nodes[n.inputs[0]]["op"]
+    if n.shape == (1, *(src_n.shape or ())) and m.shape == (1, *(src_m.shape or ())):
+        return None  # x.unsqueeze(0) of a tensor without a batch axis (arange(T) positions): a new unit axis 0
     if len(n.shape) != len(m.shape) or not src_n.shape or src_n.shape[0] != n.shape[0] or src_m.shape[0] != m.shape[0]:
         return (f"a reshape that moves a dynamic size into another axis or the batch ({n.shape} -> {m.shape}); "
                 "its rule sets the sample's sizes")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -83,9 +82,9 @@ def size_changes(gm: fx.GraphModule, inputs: Sequence[Any], dims: Sequence[Dynam
     if base is None:
         return {}
     changed: dict[str, Any] = {}
-    for d in dims:
+    for d in dims:  # the other size: the first the tester tries, or the sample's when capturing at that one
         i, axis = d.places[0]
-        others = replace(d, size=int(inputs[i].shape[axis])).others()
+        others = d.others() if int(inputs[i].shape[axis]) == d.size else [d.size]
         alt = _values(gm, resized(inputs, d, others[0])) if others else None
         for name, value in (base.items() if alt is not None else ()):
             mask = _differs(value, alt.get(name))
