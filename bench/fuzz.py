@@ -11,6 +11,10 @@ mode, every ``--tflite-every``-th is exported to fp32 TFLite and run with LiteRT
 Failures are minimized (ops dropped while the same category still fails) into standalone
 reproducers under ``out/fuzz/``.
 
+The graphs are traceable by torch.fx, so the converter's default capture takes them; every
+``--export-every``-th graph is converted with ``capture="export"`` instead (torch.export, ATen
+level: what models fx cannot trace get), counted on its own too (``counts_export``).
+
 Categories: ok; refused (a TracerError: one clear error naming the op); parity (wrong numbers);
 reload; tflite (export or numbers); crash:<exception type> (anything else).
 """
@@ -68,8 +72,8 @@ def _wrong(errors: list[tuple]) -> str | None:
     return None if not bad else "; ".join(f"output {i}: Keras {k:.2e}, PyTorch fp32 {t:.2e}" for i, k, t in bad)
 
 
-def check_graph(spec: dict, tflite: bool = False, reload: bool = False) -> tuple[str, str]:
-    """(category, detail) for one spec. Never raises."""
+def check_graph(spec: dict, tflite: bool = False, reload: bool = False, capture: str = "auto") -> tuple[str, str]:
+    """(category, detail) for one spec, converted with ``capture`` ("auto", "fx", "export"). Never raises."""
     from tracer import convert_model
     from tracer.errors import TracerError
     from tracer.verify.parity import run_keras
@@ -78,7 +82,7 @@ def check_graph(spec: dict, tflite: bool = False, reload: bool = False) -> tuple
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = convert_model(model, tuple(sample_inputs(spec, 1)), check=False)
+            result = convert_model(model, tuple(sample_inputs(spec, 1)), check=False, capture=capture)
     except TracerError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         return "refused", f"{type(exc).__name__}: {' | '.join(lines[:2])[:300]}"
@@ -156,7 +160,7 @@ def _where(exc: BaseException) -> str:
     return f"{str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__}{at}"
 
 
-def minimize(spec: dict, category: str, **checks: bool) -> dict:
+def minimize(spec: dict, category: str, **checks: Any) -> dict:
     """Drop ops while the spec still builds and fails in the same category."""
     best = copy.deepcopy(spec)
     changed = True
@@ -190,10 +194,11 @@ def graph_rng(seed: int, i: int) -> random.Random:
 
 
 def run(n: int, seed: int, out: Path, tflite_every: int = 10, reload_every: int = 10, max_ops: int = 6,
-        do_minimize: bool = True, log: Any = print, start_at: int = 0) -> dict:
+        do_minimize: bool = True, log: Any = print, start_at: int = 0, export_every: int = 5) -> dict:
     """Graphs ``start_at .. n - 1`` of the seed (graph i is the same in every run)."""
     out.mkdir(parents=True, exist_ok=True)
     counts: collections.Counter = collections.Counter()
+    counts_export: collections.Counter = collections.Counter()
     failures: list[dict] = []
     summary: dict = {}
     start = time.perf_counter()
@@ -201,23 +206,28 @@ def run(n: int, seed: int, out: Path, tflite_every: int = 10, reload_every: int 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             spec = random_spec(graph_rng(seed, i), max_ops=max_ops)
+        capture = "export" if export_every > 0 and i % export_every == export_every - 1 else "auto"
         checks = {"tflite": tflite_every > 0 and i % tflite_every == 0,
-                  "reload": reload_every > 0 and i % reload_every == 0}
+                  "reload": reload_every > 0 and i % reload_every == 0, "capture": capture}
         category, detail = check_graph(spec, **checks)
         counts[category] += 1
+        if capture == "export":
+            counts_export[category] += 1
         if category not in ("ok", "refused"):
             small = minimize(spec, category, **checks) if do_minimize else spec
             path = out / f"repro_s{seed}_{i:05d}_{category.replace(':', '_')}.py"
-            path.write_text(f"# {category}: {detail}\n" + spec_source(small))
-            failures.append({"graph": i, "category": category, "detail": detail, "ops": len(spec["ops"]),
-                             "minimized_ops": [o["op"] for o in small["ops"]], "reproducer": str(path)})
-            log(f"[{i}] {category}: {detail} -> {path}")
+            path.write_text(f"# {category} (capture={capture}): {detail}\n" + spec_source(small, capture))
+            failures.append({"graph": i, "category": category, "capture": capture, "detail": detail,
+                             "ops": len(spec["ops"]), "minimized_ops": [o["op"] for o in small["ops"]],
+                             "reproducer": str(path)})
+            log(f"[{i}] {category} (capture={capture}): {detail} -> {path}")
         elif category == "refused":
-            failures.append({"graph": i, "category": category, "detail": detail})
+            failures.append({"graph": i, "category": category, "capture": capture, "detail": detail})
         if (i + 1) % 50 == 0 or i + 1 == n:
             log(f"{i + 1 - start_at}/{n - start_at} graphs in {time.perf_counter() - start:.0f}s: {dict(counts)}")
-            summary = {"n": i + 1 - start_at, "graphs": [start_at, i + 1], "seed": seed, "seconds": round(time.perf_counter() - start, 1),
-                       "counts": dict(counts), "failures": failures}
+            summary = {"n": i + 1 - start_at, "graphs": [start_at, i + 1], "seed": seed,
+                       "seconds": round(time.perf_counter() - start, 1), "counts": dict(counts),
+                       "counts_export": dict(counts_export), "failures": failures}
             (out / f"summary_s{seed}_from{start_at}.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -232,11 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-ops", type=int, default=6)
     ap.add_argument("--no-minimize", action="store_true")
     ap.add_argument("--start", type=int, default=0, help="first graph index (to split a long run)")
+    ap.add_argument("--export-every", type=int, default=5, help="convert every N-th graph with capture='export' "
+                    "(0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     summary = run(args.n, args.seed, args.out, args.tflite_every, args.reload_every, args.max_ops,
-                  not args.no_minimize, log=lambda m: print(m, flush=True), start_at=args.start)
-    print(json.dumps(summary["counts"], indent=2))
+                  not args.no_minimize, log=lambda m: print(m, flush=True), start_at=args.start,
+                  export_every=args.export_every)
+    print(json.dumps({"counts": summary["counts"], "counts_export": summary["counts_export"]}, indent=2))
     return 0 if set(summary["counts"]) <= {"ok", "refused"} else 1
 
 

@@ -118,7 +118,7 @@ class Op(nn.Module):
 
 
 def _pool(x: torch.Tensor, s: dict) -> torch.Tensor:
-    d = x.dim() - 2
+    d = s["dims"] if "dims" in s else x.dim() - 2  # from the spec: x.dim() under torch.fx is a Proxy
     if s["kind"] == "max":
         return (F.max_pool1d if d == 1 else F.max_pool2d)(x, s["k"], s["stride"], s["pad"], ceil_mode=s["ceil"])
     if s["kind"] == "avg":
@@ -136,9 +136,8 @@ def _shape_op(x: torch.Tensor, s: dict) -> torch.Tensor:
         return x.transpose(1, 2)
     if how == "flatten":
         return x.flatten(1)
-    if how == "shuffle":
-        b, c = x.shape[:2]
-        return x.reshape(b, s["g"], c // s["g"], *x.shape[2:]).transpose(1, 2).reshape(x.shape)
+    if how == "shuffle":  # sizes from the spec: unpacking x.shape fails under torch.fx
+        return x.unflatten(1, (s["g"], s["ch"] // s["g"])).transpose(1, 2).flatten(1, 2)
     if how == "nhwc_roundtrip":
         return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) * 1.0
     if how == "chunk_add":
@@ -267,7 +266,7 @@ def _propose(rng: random.Random, cur: tuple, pos: int, second_input: bool = Fals
         kind = rng.choice(["max", "avg", "adaptive"])
         kk = rng.choice([2, 3])
         o.update(kind=kind, k=kk, stride=rng.choice([1, 2, kk]), pad=rng.randint(0, kk // 2),
-                 ceil=rng.random() < 0.4, cip=rng.random() < 0.5, size=rng.choice([1, 2, 3, 4]))
+                 ceil=rng.random() < 0.4, cip=rng.random() < 0.5, size=rng.choice([1, 2, 3, 4]), dims=d)
     elif k == "bn":
         o.update(dims=1 if rank in (2, 3) else 2)
     elif k == "gn":
@@ -324,8 +323,8 @@ def _param_shape(rng: random.Random, cur: tuple) -> list[int]:
     return rng.choice([[cur[-1]], [1, cur[-1]], [1]])
 
 
-def spec_source(spec: dict) -> str:
-    """Python source of a standalone reproducer for ``spec``."""
+def spec_source(spec: dict, capture: str = "auto") -> str:
+    """Python source of a standalone reproducer for ``spec`` (converted with ``capture``)."""
     return (
         '"""A fuzz reproducer: run `.venv/bin/python THIS_FILE` from the repository root."""\n'
         "import sys, pathlib\n"
@@ -334,4 +333,4 @@ def spec_source(spec: dict) -> str:
         "from bench.fuzz import check_graph\n\n"
         f"SPEC = {spec!r}\n\n"
         "if __name__ == '__main__':\n"
-        "    print(check_graph(SPEC, tflite=True, reload=True))\n")
+        f"    print(check_graph(SPEC, tflite=True, reload=True, capture={capture!r}))\n")

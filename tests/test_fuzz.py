@@ -54,6 +54,30 @@ def test_generator_is_seeded_and_covers_the_families():
                                                y2 if isinstance(y2, tuple) else (y2,)))
 
 
+def test_generator_graphs_are_traced_by_fx():
+    """Every graph takes the converter's default capture (torch.fx): the pool and channel-shuffle
+    ops once read ``x.dim()`` / unpacked ``x.shape`` and sent 52 graphs in 300 to torch.export by accident
+    (where nn.MultiheadAttention and the RNNs lose the batch axis; bench/fuzz.py now sends every 5th
+    graph there on purpose, counted apart)."""
+    from tracer.capture.fx import capture
+    from tracer.op_rules.registry import has_module_rule
+
+    specs = [random_spec(graph_rng(0, i), max_ops=6) for i in range(120)]
+    ops = [o for s in specs for o in s["ops"]]
+    assert any(o["op"] == "pool" for o in ops) and any(o.get("how") == "shuffle" for o in ops)
+    for spec in specs:
+        capture(build(spec), tuple(sample_inputs(spec, 1)), has_module_rule, method="fx")
+
+
+def test_export_capture_is_checked_when_asked():
+    spec = {"inputs": [[2, 4, 6, 6]], "ops": [
+        {"op": "pool", "seed": 5, "kind": "avg", "k": 2, "stride": 2, "pad": 0, "ceil": False, "cip": True,
+         "size": 1, "dims": 2, "ch": 4},
+        {"op": "gn", "seed": 6, "groups": 2, "ch": 4}]}
+    assert check_graph(spec, capture="export") == ("ok", "")
+    assert "capture='export'" in spec_source(spec, "export")
+
+
 def test_a_wrong_rule_is_caught_and_minimized_to_a_reproducer(tmp_path):
     import torch.nn as nn
     import torch.nn.functional as F
