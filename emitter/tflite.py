@@ -33,7 +33,7 @@ from tracer.fixes.tflite_dilated_conv_transpose import dilated_conv_transpose_as
 from tracer.fixes.tflite_erf import erf_builtin
 from tracer.fixes.tflite_high_rank_pad import high_rank_pad_as_3d
 from tracer.fixes.tflite_rnn_unroll import rnn_unrolled
-from tracer.fixes.tflite_rnn_while import rnn_while_loop
+from tracer.fixes.tflite_rnn_while import rnn_while_loop, rnn_while_loop_int8
 from tracer.errors import ConversionError, InputError, TracerError
 from tracer.ir import Phys
 
@@ -82,10 +82,9 @@ def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool 
 
     check_options([kind], calib, int8_io, random_calibration)
     layouts = list(input_layouts if input_layouts is not None else _layouts_of(keras_model))
-    exported, applied = with_export_fixes(keras_model, fixes)
+    exported, applied = with_export_fixes(keras_model, _for_kind(kind, fixes))
     if applied:
         log.info("TFLite export fixes: %s", "; ".join(applied))
-    _refuse_int8_loops(kind, applied)
     representative = None
     if kind == "int8":
         representative = calibration_dataset(keras_model, calib, layouts, random_calibration, calib_limit,
@@ -103,19 +102,9 @@ def export_tflite(keras_model: Any, kind: str, calib: Any = None, int8_io: bool 
             raise TFLiteExportError(_explain(exc, kind, allow_flex)) from exc
 
 
-def _refuse_int8_loops(kind: str, applied: Sequence[str]) -> None:
-    """Full-integer calibration of a WHILE loop (a recurrent layer over a dynamic time axis,
-    fixes/tflite_rnn_while.py) crashes TensorFlow 2.21's calibrator with a segfault, even a bare
-    static-shape tf.while_loop (tensorflow/tensorflow#75140: the calibrator logs a WHILE output the op
-    deallocated for a loop variable passed through unchanged): refused before the converter runs.
-    fp16 and dynamic-range keep the loop and work. Delete this when the calibrator is fixed."""
-    loops = [note.split(": ")[0] for note in applied if note.endswith(": rnn_while_loop")]
-    if kind == "int8" and loops:
-        raise TFLiteExportError(
-            f"TFLite int8: the recurrent layer(s) {', '.join(loops)} run over a dynamic time axis as WHILE loops, "
-            "and full-integer calibration of a WHILE loop crashes TensorFlow's calibrator. Use kind 'fp16' or "
-            "'dynamic' (--tflite fp16 / dynamic) for the dynamic-time model, or convert without a dynamic time "
-            "axis for int8 (the loop is then unrolled over the sample's length)")
+def _for_kind(kind: str, fixes: Sequence[Callable[[Any], Callable | None]]) -> tuple:
+    """The export fixes for ``kind``: int8 takes the WHILE loop its calibrator can run (rnn_while_loop_int8)."""
+    return tuple(rnn_while_loop_int8 if kind == "int8" and fix is rnn_while_loop else fix for fix in fixes)
 
 
 @contextlib.contextmanager

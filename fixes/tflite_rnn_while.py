@@ -13,7 +13,8 @@ writes its output into a preallocated (T, B, units) tensor with ``keras.ops.slic
 subgraphs of builtin ops, so batch and time both stay -1 in the .tflite signature. ``go_backwards``
 reads the input reversed and returns the outputs in processing order, as Keras does; a concat
 ``Bidirectional`` becomes its two directions, the backward sequence flipped back and concatenated.
-The Keras model keeps its own loop; delete this fix when the converter lowers Keras 3's loop.
+For int8 the loop passes no variable through unchanged (:func:`rnn_while_loop_int8`), which TF's
+calibrator needs. The Keras model keeps its own loop; delete this fix when the converter lowers Keras 3's loop.
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ def _zeros(like: Any, size: int) -> Any:
     return ops.zeros_like(like[..., :1]) * ops.zeros((size,), dtype=like.dtype)
 
 
-def while_loop_rnn(layer: Any) -> Callable:
-    """A callable computing ``layer`` (a keras.layers.RNN over batch-first input) with a while loop."""
+def while_loop_rnn(layer: Any, fresh_input: bool = False) -> Callable:
+    """A callable computing ``layer`` (a keras.layers.RNN over batch-first input) with a while loop.
+    ``fresh_input``: no loop variable passes through the body unchanged (for int8 calibration)."""
     cell, sizes = layer.cell, _state_sizes(layer.cell)
     units = int(getattr(cell, "output_size", None) or sizes[0])
 
@@ -64,6 +66,8 @@ def while_loop_rnn(layer: Any) -> Callable:
         def body(t: Any, xs_: Any, seq_: Any, *states_: Any) -> tuple:
             y, new = cell(xs_[t], list(states_), training=False)  # a TF tensor in the loop: STRIDED_SLICE
             new = list(new) if isinstance(new, (list, tuple)) else [new]
+            if fresh_input:  # + min(t, 0), which is 0 but not folded away: the input is a new tensor
+                xs_ = xs_ + ops.minimum(ops.cast(t, xs_.dtype), 0.0)
             if layer.return_sequences:
                 seq_ = ops.slice_update(seq_, (t, 0, 0), y[None])
             else:
@@ -98,14 +102,23 @@ def bidirectional(op: Any, direction: Callable[[Any], Callable]) -> Callable:
     return call
 
 
-def rnn_while_loop(operation: Any) -> Callable | None:
+def rnn_while_loop(operation: Any, fresh_input: bool = False) -> Callable | None:
     """Export fix: a Keras RNN layer (or a concat ``Bidirectional`` of two) over a dynamic time axis as a
     while loop the TFLite converter keeps as builtin WHILE."""
     if isinstance(operation, keras.layers.Bidirectional):
-        return bidirectional(operation, while_loop_rnn) if _dynamic_pair(operation) else None
+        return bidirectional(operation, lambda r: while_loop_rnn(r, fresh_input)) if _dynamic_pair(operation) \
+            else None
     if _loops(operation) and time_is_dynamic(operation):
-        return while_loop_rnn(operation)
+        return while_loop_rnn(operation, fresh_input)
     return None
+
+
+def rnn_while_loop_int8(operation: Any) -> Callable | None:
+    """:func:`rnn_while_loop` for full-integer int8: TensorFlow 2.21's calibrator segfaults on a WHILE
+    whose body passes a loop variable through unchanged (tensorflow/tensorflow#75140: the WHILE op frees
+    that output and the calibrator then logs it), so the time-major input is made a new tensor each step
+    (one ADD over it per step: a cost the float kinds do not pay)."""
+    return rnn_while_loop(operation, fresh_input=True)
 
 
 def _dynamic_pair(op: Any) -> bool:

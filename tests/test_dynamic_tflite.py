@@ -13,6 +13,7 @@ from tests.helpers import FP32_TOL, randomize_bn
 from tests.test_dynamic_axes import ResNetStyle, RNNStack
 from tracer import convert_model
 from tracer.emitter.tflite import op_counts, with_export_fixes
+from tracer.fixes.tflite_rnn_while import rnn_while_loop_int8
 from tracer.verify.litert import QUALITY
 
 
@@ -159,15 +160,20 @@ def test_cli_verify_checks_each_size_of_the_dynamic_axes(tmp_path, capsys):
     assert "batch axis" in capsys.readouterr().err
 
 
-def test_rnn_over_dynamic_time_fp16_kept_int8_refused():
-    """fp16 keeps the WHILE loops; int8 calibration of a WHILE loop crashes TensorFlow's calibrator (a
-    segfault), so it is refused before the converter runs, naming the layers and what to do."""
-    from tracer.emitter.tflite import TFLiteExportError
+def test_rnn_over_dynamic_time_fp16_and_int8_keep_the_while_loop():
+    """fp16 and int8 keep the WHILE loops; int8's loop passes no variable through unchanged, which
+    TensorFlow's calibrator needs (tensorflow/tensorflow#75140: it segfaults otherwise)."""
     torch.manual_seed(7)
     model, x = SmallGRU().eval(), torch.randn(2, 6, 4)
-    result = convert_model(model, x, dynamic_shapes=({1: "t"},), n_random=1, tflite=("fp16",))
-    report = result.tflite_reports["fp16"]
-    assert _builtin_only(result.tflite["fp16"])["WHILE"] == 2 and report.judgement()[0] == "good", report.summary()
-    assert list(report.errors_by_size()) == ["sample", "t=12", "t=9"]
-    with pytest.raises(TFLiteExportError, match="dynamic time axis as WHILE loops.*fp16"):
-        convert_model(model, x, dynamic_shapes=({1: "t"},), n_random=1, tflite=("int8",), random_calibration=True)
+    calib = np.random.default_rng(7).standard_normal((16, 6, 4)).astype(np.float32)
+    result = convert_model(model, x, dynamic_shapes=({1: "t"},), n_random=1, tflite=("fp16", "int8"), calib=calib)
+    _, applied = with_export_fixes(result.keras_model, [rnn_while_loop_int8])
+    assert [note.split(": ")[1] for note in applied] == ["rnn_while_loop_int8"]
+    for kind, report in result.tflite_reports.items():
+        assert _signature(result.tflite[kind]) == [-1, -1, 4]
+        assert _builtin_only(result.tflite[kind])["WHILE"] == 2, kind
+        assert list(report.errors_by_size()) == ["sample", "t=12", "t=9"]
+        fair = QUALITY[kind][1]
+        for t in report.parity.trials:  # every size within the kind's 'fair' error
+            assert all(o.max_abs <= fair * o.max_ref for o in t.outputs), report.summary()
+    assert result.tflite_reports["fp16"].judgement()[0] == "good"
