@@ -13,7 +13,9 @@ writes its output into a preallocated (T, B, units) tensor with ``keras.ops.slic
 subgraphs of builtin ops, so batch and time both stay -1 in the .tflite signature. ``go_backwards``
 reads the input reversed and returns the outputs in processing order, as Keras does; a concat
 ``Bidirectional`` becomes its two directions, the backward sequence flipped back and concatenated.
-For int8 the loop passes no variable through unchanged (:func:`rnn_while_loop_int8`), which TF's
+Cost: each step rewrites the (T, B, units) output buffer, so a step's cost grows with T (LSTM x2 +
+BiGRU stack, 1 thread: ~20 us/step at T=25, ~110 us/step at T=1600); at T=25 (CRNN) it ran faster than
+the unrolled file. For int8 the loop passes no variable through unchanged (:func:`rnn_while_loop_int8`), which TF's
 calibrator needs. The Keras model keeps its own loop; delete this fix when the converter lowers Keras 3's loop.
 """
 from __future__ import annotations
