@@ -1,0 +1,301 @@
+"""Convert public models once with dynamic axes and check parity at the sample's size and two others.
+
+Issue 14's closing table: torchvision CNNs and dense heads over dynamic height and width, a
+torchvision ViT (a clear refusal expected at other sizes), Hugging Face text encoders/decoders over a
+dynamic sequence length (``torch.export.Dim`` with a max within the config's positions), HF audio
+encoders over a dynamic time axis, torch's recurrent layers and the CRNN keyword spotter over a dynamic
+time axis. The models are bench/external.py's builders (random weights, constant tensors perturbed,
+BatchNorm statistics randomized); each converts once, in its own subprocess with a timeout, and is
+checked in Keras and in fp32 LiteRT at every size (scaled error: max abs / max(1, max|y|), held to
+1e-5). Needs torchvision and transformers, so it runs in ``.venv-zoo``::
+
+    .venv-zoo/bin/python bench/external_dynamic.py --jobs 1
+    .venv-zoo/bin/python bench/external_dynamic.py --models resnet18,hf_bert --json out/dyn.json --no-tflite
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.external import MODELS as EXTERNAL  # noqa: E402
+from bench.external import rnn  # noqa: E402
+from bench.zoo import RESULT_TAG, _first_line, _fmt, perturb  # noqa: E402
+
+TOL = 1e-5  # fp32: max abs <= 1e-5 x max(1, max|y|)
+
+
+def hw(sample: Any) -> tuple:
+    return ({2: "h", 3: "w"},)
+
+
+def axis(index: int, name: str, low: int | None = None, high: int | None = None) -> Callable[[Any], tuple]:
+    """One dynamic axis of the first input: a name, or a torch.export.Dim when a range is given."""
+    def spec(sample: Any) -> tuple:
+        if low is None and high is None:
+            return ({index: name},)
+        import torch
+        return ({index: torch.export.Dim(name, min=low or 2, max=high)},)
+    return spec
+
+
+def crnn_kws_example() -> tuple:
+    """examples/crnn_kws.py (a conv front end, a 2-layer bidirectional GRU) on a (1, 1, 40, 100) log-mel map."""
+    import torch
+
+    from examples import crnn_kws
+    return crnn_kws.build(), torch.randn(*crnn_kws.SAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def one_input(model: Any) -> Any:
+    """``model`` behind ``forward(self, x)`` when its forward takes ``*args`` (bench/external.py's ``Main``):
+    tracer's torch.export fallback passes ``dynamic_shapes`` flat, which torch.export refuses for ``*args``
+    (a converter bug reported with issue 14's table; static conversion is unaffected)."""
+    import inspect
+
+    import torch
+    params = inspect.signature(model.forward).parameters.values()
+    if not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return model
+
+    class OneInput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x)
+
+    return OneInput()
+
+
+def _ext(name: str) -> Callable:
+    return EXTERNAL[name][1]
+
+
+SEQ = axis(1, "seq", 2, 64)  # the text configs' 64 positions (RoBERTa's 66 less its padding offset of 2)
+
+# name -> (family, builder, dynamic_shapes(sample), expected: "ok" or "refused")
+MODELS: dict[str, tuple[str, Callable, Callable, str]] = {
+    "resnet18": ("tv-cls", _ext("resnet18"), hw, "ok"),
+    "mobilenet_v3_small": ("tv-cls", _ext("mobilenet_v3_small"), hw, "ok"),
+    "efficientnet_b0": ("tv-cls", _ext("efficientnet_b0"), hw, "ok"),
+    "regnet_y_400mf": ("tv-cls", _ext("regnet_y_400mf"), hw, "ok"),
+    "shufflenet_v2_x0_5": ("tv-cls", _ext("shufflenet_v2_x0_5"), hw, "ok"),
+    "deeplabv3_mobilenet_v3_large": ("tv-dense", _ext("deeplabv3_mobilenet_v3_large"), hw, "ok"),
+    "lraspp_mobilenet_v3_large": ("tv-dense", _ext("lraspp_mobilenet_v3_large"), hw, "ok"),
+    "vit_small_64": ("tv-cls", _ext("vit_small_64"), hw, "refused"),  # fixed image_size, learned positions
+    "hf_bert": ("hf-text", _ext("hf_bert"), SEQ, "ok"),
+    "hf_distilbert": ("hf-text", _ext("hf_distilbert"), SEQ, "ok"),
+    "hf_roberta": ("hf-text", _ext("hf_roberta"), SEQ, "ok"),
+    "hf_gpt2": ("hf-text", _ext("hf_gpt2"), SEQ, "ok"),
+    "hf_t5_encoder": ("hf-text", _ext("hf_t5_encoder"), SEQ, "ok"),
+    "hf_whisper_encoder": ("hf-audio", _ext("hf_whisper_encoder"), axis(2, "frames"), "refused"),  # fixed length
+    "hf_wav2vec2": ("hf-audio", _ext("hf_wav2vec2"), axis(1, "samples", 400, 16000), "ok"),
+    "lstm_batch_first": ("rnn", _ext("lstm_batch_first"), axis(1, "time"), "ok"),
+    "lstm_2layer_bidir": ("rnn", _ext("lstm_2layer_bidir"), axis(1, "time"), "ok"),
+    "gru_2layer": ("rnn", rnn("GRU", num_layers=2), axis(1, "time"), "ok"),
+    "rnn_tanh": ("rnn", _ext("rnn_tanh"), axis(1, "time"), "ok"),
+    "lstm_seq_first": ("rnn", _ext("lstm_seq_first"), axis(0, "time"), "refused"),  # axis 0 is the batch's
+    "crnn_kws": ("rnn", crnn_kws_example, axis(3, "time"), "ok"),
+    "crnn_gru_last": ("rnn", _ext("crnn_kws"), axis(3, "time"), "ok"),
+}
+
+
+@dataclass
+class Row:
+    model: str
+    family: str
+    expect: str = "ok"
+    status: str = "error"  # ok | mismatch | refused | tflite-fail | error | timeout | setup
+    axes: str = ""  # "h,w" or "seq[2..64]"
+    axes_names: list[str] = field(default_factory=list)
+    sample_sizes: list[int] = field(default_factory=list)  # each dynamic name's size in the sample
+    sizes: list[str] = field(default_factory=list)  # "sample", "h=128", ... in the order of the errors
+    keras: dict[str, float] = field(default_factory=dict)  # label -> max scaled error
+    tflite: dict[str, float] = field(default_factory=dict)
+    transposes: int | None = None  # Keras Transpose layers
+    tflite_transposes: int | None = None  # TRANSPOSE ops in the fp32 .tflite
+    seconds: float | None = None
+    capture: str = ""
+    reason: str = ""
+
+
+def by_size(trials: list) -> dict[str, float]:
+    """Max scaled error at the sample's size (every trial without '=') and at each other size."""
+    out = {"sample": max((o.max_rel for t in trials if "=" not in t.label for o in t.outputs), default=0.0)}
+    out.update({t.label: max((o.max_rel for o in t.outputs), default=0.0) for t in trials if "=" in t.label})
+    return out
+
+
+def convert_one(name: str, tflite: bool = True) -> Row:
+    """Build ``name``, convert it once with its dynamic axes, check Keras and fp32 LiteRT (in the child)."""
+    import torch
+
+    from examples.common import randomize_bn_stats
+    from tracer.dynamic import parse_dynamic_shapes
+
+    family, build, spec, expect = MODELS[name]
+    row = Row(name, family, expect)
+    try:
+        torch.manual_seed(0)
+        model, sample = build()
+        model = one_input(randomize_bn_stats(perturb(model.eval())).eval())
+        with torch.no_grad():
+            model(sample)
+        dynamic = spec(sample)
+        dims = parse_dynamic_shapes(dynamic, (sample,))
+    except Exception as e:  # the model or the spec itself, not the converter
+        row.status, row.reason = ("refused", f"{type(e).__name__}: {_first_line(e)}") \
+            if type(e).__name__ == "InputError" else ("setup", _first_line(e))
+        return row
+    row.axes = ",".join(d.name + (f"[{d.low}..{d.high}]" if d.high else "") for d in dims)
+    row.axes_names, row.sample_sizes = [d.name for d in dims], [d.size for d in dims]
+    row.sizes = ["sample"] + [f"{d.name}={s}" for d in dims for s in d.others()]
+    start = time.perf_counter()
+    try:
+        _convert(row, model, sample, dynamic, dims, tflite)
+    except Exception as e:
+        kind = type(e).__name__
+        row.status = "refused" if kind in ("ConversionError", "InputError", "UnsupportedOpsError") else "error"
+        row.reason = f"{kind}: {_first_line(e)}"
+    finally:
+        row.seconds = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _convert(row: Row, model: Any, sample: Any, dynamic: tuple, dims: list, tflite: bool) -> None:
+    from tracer import convert_model
+    from tracer.dynamic import parity_shapes
+    from tracer.emitter.tflite import op_counts
+    from tracer.verify.litert import export_and_check
+
+    result = convert_model(model, sample, dynamic_shapes=dynamic, n_random=1, raise_on_mismatch=False)
+    row.keras, row.transposes = by_size(result.report.trials), result.transpose_count
+    row.capture = result.facts()["capture"].get("method", "")
+    row.status = "ok" if result.report.ok else "mismatch"
+    if not tflite:
+        return
+    x = [sample.detach().cpu().numpy()]
+    try:
+        files, reports = export_and_check(model, result.keras_model, ("fp32",), x, result.input_layouts,
+                                          result.output_layouts, n_random=1, sizes=parity_shapes([x[0].shape], dims))
+    except Exception as e:
+        row.status, row.reason = "tflite-fail", f"{type(e).__name__}: {_first_line(e)}"
+        return
+    row.tflite_transposes = op_counts(files["fp32"]).get("TRANSPOSE", 0)
+    if "fp32" not in reports:  # Select TF ops: not run in LiteRT
+        row.status, row.reason = "tflite-fail", "uses Select TF ops: " + ", ".join(op_counts(files["fp32"]))
+        return
+    row.tflite = by_size(reports["fp32"].parity.trials)
+    if not reports["fp32"].ok:
+        row.status = "mismatch"
+
+
+def child_row(name: str, timeout: float, tflite: bool) -> Row:
+    """Convert one model in a subprocess; a timeout or a crash becomes that model's row."""
+    family, _, _, expect = MODELS[name]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([name, tflite])]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    row = Row(name, family, expect)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        row.status, row.seconds, row.reason = "timeout", timeout, f"over {timeout:.0f} s"
+        return row
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return Row(**json.loads(line[len(RESULT_TAG):]))
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    row.reason = f"child exited {proc.returncode}: {tail[:300]}"
+    return row
+
+
+def _errors(errors: dict[str, float], sizes: list[str]) -> str:
+    return "/".join(_fmt(errors.get(s), ".1e") for s in sizes) if errors else "-"
+
+
+def _sizes(r: Row) -> str:
+    """'h=64,128,96 w=64,128,96': each dynamic name at the sample's size, then the others tried."""
+    names = dict.fromkeys(s.split("=")[0] for s in r.sizes[1:])
+    sample = dict(zip(r.axes_names, r.sample_sizes))
+    return " ".join(f"{n}={','.join([str(sample.get(n, '?'))] + [s.split('=')[1] for s in r.sizes if s.startswith(n + '=')])}"
+                    for n in names)
+
+
+def table(rows: list[Row]) -> str:
+    head = (f"{'model':29} {'family':8} {'axes':16} {'sizes (sample,others)':30} {'Keras scaled err':39} "
+            f"{'TFLite scaled err':39} {'Transp K/T':>10} {'sec':>6} {'status':11} reason")
+    lines = [head, "(errors: max |keras - torch| / max(1, max|torch|) at the sample's size, then each other size "
+                   "in the order of the sizes column)", "-" * len(head)]
+    for r in rows:
+        transp = f"{_fmt(r.transposes, 'd')}/{_fmt(r.tflite_transposes, 'd')}"
+        status = r.status + ("" if (r.status == "ok") == (r.expect == "ok") else "!")
+        lines.append(f"{r.model:29} {r.family:8} {r.axes:16} {_sizes(r):30} "
+                     f"{_errors(r.keras, r.sizes):39} {_errors(r.tflite, r.sizes):39} {transp:>10} "
+                     f"{_fmt(r.seconds, '.1f'):>6} {status:11} {r.reason[:220]}")
+    return "\n".join(lines)
+
+
+def totals(rows: list[Row]) -> str:
+    ok = [r for r in rows if r.status == "ok"]
+    expected = [r for r in rows if (r.status == "ok") == (r.expect == "ok")]
+    within = [r for r in ok if all(v <= TOL for v in [*r.keras.values(), *r.tflite.values()])]
+    return (f"parity at every size: {len(ok)}/{len(rows)} (all within {TOL:g}: {len(within)});  as expected "
+            f"(ok, or a refusal where one is expected): {len(expected)}/{len(rows)};  '!' marks the others")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", help="comma-separated names (default: all); " + ", ".join(MODELS))
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per model (default 600)")
+    ap.add_argument("--jobs", type=int, default=1, help="models converted at once, each in its own process (default 1)")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+    ap.add_argument("--no-tflite", action="store_true", help="check Keras only (no fp32 LiteRT)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        name, tflite = json.loads(args.child)
+        print(RESULT_TAG + json.dumps(asdict(convert_one(name, tflite))), flush=True)
+        return 0
+    names = [n.strip() for n in (args.models or ",".join(MODELS)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        ap.error(f"unknown models: {', '.join(unknown)}")
+    done: dict[str, Row] = {}
+
+    def one(name: str) -> None:
+        row = child_row(name, args.timeout, not args.no_tflite)
+        done[name] = row
+        print(f"[external_dynamic] {row.model}: {row.status} {_fmt(row.seconds, '.1f')} s {row.reason}"[:240],
+              flush=True)
+        if args.json:
+            _write_json(args.json, [done[n] for n in names if n in done])
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(one, names))
+    rows = [done[n] for n in names]
+    print()
+    print(table(rows))
+    print()
+    print(totals(rows))
+    return 0
+
+
+def _write_json(path: str, rows: list[Row]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""A fast subset of bench/external_dynamic.py (issue 14's table): one conversion with dynamic axes,
+checked in Keras and fp32 LiteRT at the sample's size and two others, run in-process here.
+
+torch's LSTM over a dynamic time axis needs nothing else; torchvision's ViT (a clear refusal at other
+image sizes: its forward asserts the size) needs torchvision, installed only in .venv-zoo, and skips
+elsewhere.
+"""
+from __future__ import annotations
+
+import pytest
+
+from bench.external_dynamic import MODELS, convert_one, table
+from tests.helpers import FP32_TOL
+
+
+def test_lstm_over_a_dynamic_time_axis_keras_and_litert():
+    row = convert_one("lstm_batch_first")
+    assert row.status == "ok", row.reason
+    assert row.sizes == ["sample", "time=40", "time=30"] and row.sample_sizes == [20]
+    for errors in (row.keras, row.tflite):
+        assert list(errors) == row.sizes, errors
+        assert all(0.0 <= v <= FP32_TOL for v in errors.values()), errors
+    assert row.tflite_transposes is not None and row.transposes is not None
+    line = next(ln for ln in table([row]).splitlines() if ln.startswith("lstm_batch_first"))
+    assert "time=20,40,30" in line and line.split()[-1] == "ok"
+
+
+def test_torchvision_vit_refuses_other_image_sizes():
+    pytest.importorskip("torchvision", reason="torchvision is installed only in .venv-zoo")
+    assert MODELS["vit_small_64"][3] == "refused"
+    row = convert_one("vit_small_64", tflite=False)
+    assert row.status == "refused" and not row.keras and not row.tflite
+    assert "dynamic axis 'h'" in row.reason and "fails in PyTorch at h=128" in row.reason, row.reason
+    line = next(ln for ln in table([row]).splitlines() if ln.startswith("vit_small_64"))
+    assert "refused " in line and "refused!" not in line  # as expected: no '!' mark
