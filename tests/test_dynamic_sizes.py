@@ -135,3 +135,24 @@ def test_token_models_with_masks_keras_and_litert(model, capture, longest):
                            dynamic_shapes=({1: seq}, {1: seq}), raise_on_mismatch=False, tflite=("fp32",))
     errors = assert_parity_at_sizes(result, "seq")
     assert len(errors) == 3, errors  # the sample and two other lengths, each within FP32_TOL above
+
+
+def test_saved_keras_model_reloads_in_safe_mode_and_runs_another_length(tmp_path):
+    """The witnesses are built-in keras.ops only: model.keras loads with safe_mode and runs at a new length."""
+    import keras
+    import numpy as np
+
+    torch.manual_seed(17)
+    model = SizeArithmetic().eval()
+    result = convert_model(model, torch.randn(2, 10, 4), dynamic_shapes=({1: "t"},), n_random=0)
+    path = tmp_path / "sizes.keras"
+    result.keras_model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    x = torch.randn(3, 14, 4)
+    with torch.no_grad():
+        want = model(x)
+    got = loaded(x.numpy())
+    for w, g in zip(want, got):
+        assert g.shape == tuple(w.shape)
+        scale = max(1.0, float(w.abs().max()))
+        assert np.max(np.abs(np.asarray(g) - w.numpy())) <= FP32_TOL * scale
