@@ -42,7 +42,8 @@ def initial_states(node: OpNode, ctx: Emit) -> list[list[Any]] | None:
     tensors = state_inputs(node, ctx)  # each (B, L*D, H)
     if not tensors:
         return None
-    count = tensors[0].shape[1]
+    m = node.module  # L*D from the module: a state that is a model input has no static Keras size there
+    count = m.num_layers * (2 if m.bidirectional else 1)
     return [[t[:, k] for t in tensors] for k in range(count)]
 
 
