@@ -1,4 +1,5 @@
-"""Hugging Face BERT and GPT-2 (small configs, random weights) over a dynamic sequence length (issue 14):
+"""Hugging Face BERT and GPT-2 (small configs, random weights), with DistilBERT, RoBERTa, T5's
+encoder and GPT-2's LM head, over a dynamic sequence length (issue 14):
 one conversion, captured with torch.export and ``Dim`` s, checked against PyTorch at the sample's length
 and two others in Keras and in fp32 LiteRT (builtin ops only). Their position ids (BERT's
 ``position_ids[:, :seq]`` buffer slice, GPT-2's ``arange``), token_type_ids buffer slice and masks
@@ -16,7 +17,7 @@ from tracer import convert_model
 pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt2_lm_head", "bert", "distilbert", "roberta", "t5_encoder"])
 def test_hugging_face_text_model_over_dynamic_length(name):
     torch.manual_seed(0)
     model = HFText(hf_model(name)).eval()
