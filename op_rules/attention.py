@@ -69,7 +69,8 @@ def _unit_axes(m: Any, have: tuple, shape: tuple) -> Any:
     target = list(shape)
     for a, b in zip(src, dst):
         target[b] = -1 if a and m.shape[a] is None else target[b]
-    if [have[k] for k in src] != [shape[k] for k in dst] or target.count(-1) != 1 or (src[:1] != [0]) != (dst[:1] != [0]):
+    same_batch = (src[:1] == [0]) == (dst[:1] == [0])
+    if [have[k] for k in src] != [shape[k] for k in dst] or target.count(-1) != 1 or not same_batch:
         raise NotImplementedError(f"a mask of shape {have} with dynamic axes cannot be laid out as {shape}")
     return keras.layers.Reshape(tuple(target[1:]))(m)
 

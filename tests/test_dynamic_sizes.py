@@ -124,7 +124,8 @@ def test_difference_of_two_dynamic_sizes_refused_naming_the_line():
     assert "keep that axis static" in text
 
 
-@pytest.mark.parametrize("model,capture,longest", [("Encoder", "fx", 16), ("GPTLike", "fx", 9), ("GPTLike", "export", 9)],
+@pytest.mark.parametrize("model,capture,longest",
+                         [("Encoder", "fx", 16), ("GPTLike", "fx", 9), ("GPTLike", "export", 9)],
                          ids=["encoder-fx", "gpt-fx", "gpt-export"])
 def test_token_models_with_masks_keras_and_litert(model, capture, longest):
     """A key padding mask (nn.TransformerEncoder) and a causal mask from ``tril(ids.new_ones(t, t))``, with

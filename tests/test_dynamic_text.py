@@ -1,6 +1,6 @@
 """Hugging Face BERT and GPT-2 (small configs, random weights), with DistilBERT, RoBERTa, T5's
 encoder and GPT-2's LM head, over a dynamic sequence length (issue 14):
-one conversion, captured with torch.export and ``Dim`` s, checked against PyTorch at the sample's length
+one conversion, captured with torch.export (``Dim.AUTO`` on the length), checked against PyTorch at the sample's length
 and two others in Keras and in fp32 LiteRT (builtin ops only). Their position ids (BERT's
 ``position_ids[:, :seq]`` buffer slice, GPT-2's ``arange``), token_type_ids buffer slice and masks
 (HF's padding mask indexed with ``arange(T)``, GPT-2's causal mask) are computed at runtime from the
