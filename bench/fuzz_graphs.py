@@ -193,7 +193,7 @@ def sample_inputs(spec: dict, seed: int, batch: int | None = None, scale: float 
 
 def random_spec(rng: random.Random, max_ops: int = 6, size: int = 8) -> dict:
     """A random valid spec: ops proposed at random, each kept only if it runs on the tensor so far
-    (finite, at most 4096 values, no axis over 64)."""
+    (finite, 1 to 4096 values: a transposed conv can make an empty map, no axis over 64)."""
     c = rng.choice([3, 4, 5, 6, 8])
     h = rng.choice([size, size - 2, size + 1, c])
     w = rng.choice([h, c, size - 1])  # C == W on purpose (bug A's collision)
@@ -216,7 +216,7 @@ def random_spec(rng: random.Random, max_ops: int = 6, size: int = 8) -> dict:
                 y = Op(o, o["ch"]).eval()(x, trial)
         except Exception:  # noqa: BLE001  (an invalid proposal: the generator drops it)
             continue
-        if not torch.isfinite(y).all() or y.numel() > 4096 or y.dim() < 2 or max(y.shape[1:]) > 64 or \
+        if not torch.isfinite(y).all() or not 0 < y.numel() <= 4096 or y.dim() < 2 or max(y.shape[1:]) > 64 or \
                 not all(torch.isfinite(t).all() for t in trial["side"]):
             continue
         spec["ops"].append(o)

@@ -182,7 +182,8 @@ def test_norms_through_torch_export():
     assert rules.get("aten_as_layer_norm") == 1 and rules.get("aten_as_group_norm") == 1, rules
 
 
-@pytest.mark.parametrize("dims, affine, track", [(1, False, False), (2, False, True), (3, True, False), (2, True, True)])
+@pytest.mark.parametrize("dims, affine, track",
+                         [(1, False, False), (2, False, True), (3, True, False), (2, True, True)])
 def test_instance_norm_through_torch_export(dims, affine, track):
     """aten.instance_norm stays one op (its decomposition, _native_batch_norm_legit.no_stats over a
     (1, B*C, ...) view, was refused); running statistics randomized, parity at another batch size."""
