@@ -22,6 +22,7 @@ from tracer.op_rules.common import call_with_weights, trainable
 from tracer.op_rules.elementwise import scale
 from tracer.op_rules.norm_layers import layer_norm_module
 from tracer.op_rules.registry import Layout, rule
+from tracer.op_rules.sizes import causal_mask
 from tracer.ir import OpNode, Phys, Ref
 
 
@@ -132,7 +133,10 @@ def scaled_dot_product_attention(node: OpNode, ctx: Emit) -> Any:
     factor = kw.get("scale")
     factor = 1.0 / math.sqrt(e) if factor is None else float(factor)
     masks = []
-    if kw.get("is_causal"):
+    qa, ka = (node.in_layouts[node.inputs.index(kw[n].name)].axis(-2) for n in ("query", "key"))
+    if kw.get("is_causal") and (q.shape[qa] is None or k.shape[ka] is None):  # a dynamic length (tracer/dynamic.py)
+        masks.append(causal_mask(q, qa, k, ka, node.rank))
+    elif kw.get("is_causal"):
         masks.append(_causal(node, ctx, lq, lk, node.rank))
     mask = kw.get("attn_mask")
     if isinstance(mask, Ref):

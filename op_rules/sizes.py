@@ -191,3 +191,14 @@ def unfold_batch(node: OpNode, ctx: Emit, x: Any, size: tuple, in_shape: tuple, 
     if tuple(in_shape[1:]) == tuple(node.shape[2:]):
         return y
     return keras.layers.Reshape((-1, *node.shape[2:]), name=ctx.name(node, "reshape"))(y)
+
+
+def causal_mask(q: Any, q_axis: int, k: Any, k_axis: int, rank: int) -> Any:
+    """The additive causal mask (0 where key <= query, -inf elsewhere) of rank ``rank`` for queries along
+    Keras axis ``q_axis`` of ``q`` and keys along ``k_axis`` of ``k``, lengths read at runtime."""
+    rows, cols = positions(witness(q, q_axis)), positions(witness(k, k_axis))
+    allowed = keras.ops.less_equal(keras.ops.expand_dims(cols, 0), keras.ops.expand_dims(rows, 1))
+    m = keras.ops.log(keras.ops.cast(allowed, "float32"))
+    for _ in range(rank - 2):
+        m = keras.ops.expand_dims(m, 0)
+    return m

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.helpers import FP32_TOL
 from tests.test_dynamic_axes import TokenModel
@@ -108,6 +109,26 @@ def test_static_sizes_stay_folded():
     assert plain.report.ok and not size_nodes(plain)
     other = convert_model(SizeArithmetic().eval(), x, dynamic_shapes=({2: "c"},), n_random=1)
     assert other.report.ok and not size_nodes(other)
+
+
+class CausalAttention(nn.Module):
+    """Heads split with ``view(b, t, ...)`` and F.scaled_dot_product_attention(is_causal=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, 16)
+
+
+def test_causal_attention_over_a_dynamic_length_keras_and_litert():
+    """The causal mask is built from the lengths at runtime, not the sample's (10, 10) triangle."""
+    torch.manual_seed(18)
+    result = convert_dynamic(CausalAttention(), torch.randn(2, 10, 16), ({1: "t"},))
+    assert_parity_at_sizes(result, "t")
 
 
 class TwoSizesApart(nn.Module):
