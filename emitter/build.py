@@ -44,7 +44,9 @@ def build_model(graph: nx.DiGraph, name: str = "converted",
 
 
 def _input_shape(node: OpNode, dynamic: dict[int, str]) -> tuple:
-    """The Keras input shape without the batch: the node's in its layout, None on dynamic torch axes."""
+    """The Keras input shape without the batch: the node's in its layout, None on dynamic torch axes.
+    The batch is the torch axis the layout puts first: 0, or 1 for an RNN's state ``h0`` ``(L*D, B, H)``,
+    which enters as ``(B, L*D, H)`` (tracer/passes/layout.py batch_first_layout)."""
     shape = list(node.layout.keras_shape(node.shape))
     for axis in dynamic:
         shape[node.layout.axis(axis)] = None

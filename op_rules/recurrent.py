@@ -6,6 +6,13 @@ batch is axis 0, so a seq-first (``batch_first=False``) sequence ``(T, B, F)`` i
 ``(B, L*D, H)``: the rule declares those layouts (per tuple element, ``Phys.items``), so ``out[-1]``,
 ``out[:, -1]``, ``out.unbind(0)`` and ``h_n[-1]`` index the time / layer axis, never the batch.
 
+Model inputs read this way enter Keras batch first (tracer/passes/layout.py batch_first_layout): a
+state given as an input (a streaming model's ``forward(x, h0)``) is the Keras Input ``(B, L*D, H)``,
+a time-major sequence input ``(B, T, F)``; ``ConversionResult.input_layouts`` records it (perm
+``(1, 0, 2)``), and the parity tester and LiteRT transpose their arrays by it. Feed such a Keras or
+LiteRT model ``h0.transpose(1, 0, 2)``. The outputs ``h_n`` / ``c_n`` keep PyTorch's
+``(L*D, B, H)``, like every model output.
+
 Weights: torch's gate order is kept for the LSTM (i, f, g, o = Keras i, f, c, o); the GRU's is
 reordered (torch r, z, n -> Keras z, r, h) and ``reset_after=True`` keeps its two biases; the LSTM
 and the simple RNN have one bias in Keras, ``b_ih + b_hh``. A zero initial state is Keras' own

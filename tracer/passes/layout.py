@@ -154,8 +154,13 @@ def _structure_rank(node: OpNode) -> int:
 
 
 def _input_layout(graph: nx.DiGraph, node: OpNode, channels_last_io: bool) -> Phys:
-    """With channels-last I/O, an input is NHWC when the layout-decided ops it reaches (through
-    elementwise ones, or meeting their other operands) want channels-last."""
+    """An input consumed with its batch at another torch axis has that axis first in Keras
+    (:func:`batch_first_layout`). Else, with channels-last I/O, an input is NHWC when the
+    layout-decided ops it reaches (through elementwise ones, or meeting their other operands) want
+    channels-last."""
+    moved = batch_first_layout(graph, node)
+    if moved is not None:
+        return moved
     if not channels_last_io or node.rank < 3:
         return Phys.identity(node.rank)
     frontier, seen = [node.name], {node.name}
@@ -172,6 +177,37 @@ def _input_layout(graph: nx.DiGraph, node: OpNode, channels_last_io: bool) -> Ph
                 if any(_policy(graph.nodes[i]["op"]) is Layout.CHANNELS_LAST for i in s.inputs):
                     return Phys.channels_last(node.rank)
     return Phys.identity(node.rank)
+
+
+def batch_first_layout(graph: nx.DiGraph, node: OpNode) -> Phys | None:
+    """The layout of an input whose consumers hold its batch at another torch axis than 0, or None.
+
+    Each consumer's rule is asked which layout it needs this input in, given it in PyTorch's order;
+    one that needs torch axis ``b > 0`` at Keras axis 0 reads axis ``b`` as the batch: the state
+    ``h0`` / ``c0`` ``(L*D, B, H)`` of an nn.LSTM / GRU / RNN (needed as ``(B, L*D, H)``) or the
+    sequence ``(T, B, F)`` of a time-major one (``(B, T, F)``). The Keras input then takes that
+    layout, so its batch axis is the model's batch, and the tester and LiteRT arrange their arrays
+    by it (``ConversionResult.input_layouts``). Consumers that need PyTorch's order get a transpose.
+    None when no consumer moves the batch, or when two disagree on which axis it is."""
+    if node.rank < 2:
+        return None
+    found: set[Phys] = set()
+    for succ in graph.successors(node.name):
+        s = graph.nodes[succ]["op"]
+        policy = _policy(s)
+        if not callable(policy):  # Layout.ANY follows its input; TORCH / CHANNELS_LAST keep axis 0 first
+            continue
+        ins = [Phys.identity(node.rank) if i == node.name else _known_layout(graph.nodes[i]["op"])
+               for i in s.inputs]
+        req, _ = infer(s, ins, graph)
+        found |= {p for i, p in zip(s.inputs, req) if i == node.name and p is not None and p.flat is None
+                  and p.items is None and len(p.perm) == node.rank and p.perm[0] != 0}
+    return found.pop() if len(found) == 1 else None
+
+
+def _known_layout(node: OpNode) -> Phys:
+    """A node's layout when the pass has set it; PyTorch's order for one it has not reached yet."""
+    return node.layout if node.layout is not None else Phys.identity(_rank(node))
 
 
 def _output_layout(node: OpNode, channels_last_io: bool) -> Phys:

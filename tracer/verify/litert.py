@@ -4,7 +4,9 @@ the differential tester (tracer/verify/parity.py) and compare with PyTorch.
 fp32 must match PyTorch within the tester's tolerance; fp16, dynamic-range and int8 models are
 reported (max abs diff and, for classifier outputs (2-D), top-1 agreement with PyTorch) but not
 held to it. Quantized inputs and outputs are converted with their scale and zero point; the batch
-size follows the inputs (resize_tensor_input + allocate_tensors).
+size follows the inputs (resize_tensor_input + allocate_tensors). Inputs are fed in the Keras model's
+layouts (``input_layouts``): batch first, also for an input whose batch is another torch axis (an
+RNN's ``h0`` ``(L*D, B, H)`` enters as ``(B, L*D, H)``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from tracer.emitter.tflite import calibration_samples, check_options, export_tflite, op_counts, quiet_native_logs
 from tracer.ir import Phys
 from tracer.emitter.save import signature_names
-from tracer.verify.parity import DEFAULT_TOL, ParityReport, check_parity, flatten_outputs
+from tracer.verify.parity import DEFAULT_TOL, ParityReport, check_parity, flatten_outputs, input_batch_axes
 
 STRICT_KINDS = ("fp32",)  # held to the tolerance; the others are reported and judged
 # error relative to the output's largest value: good up to the first, fair up to the second, else poor
@@ -248,7 +250,8 @@ def export_and_check(model: torch.nn.Module, keras_model: Any, kinds: Sequence[s
     trials = list(extra)
     if calib is not None and check:
         first = list(itertools.islice(calibration_samples(calib, [x.shape for x in sample]), CALIB_TRIAL))
-        trials.append([np.concatenate(arrays) for arrays in zip(*first)])
+        axes = input_batch_axes(in_layouts)  # one batch, on each input's own batch axis
+        trials.append([np.concatenate(arrays, axis=ax) for arrays, ax in zip(zip(*first), axes)])
     files: dict[str, bytes] = {}
     reports: dict[str, LiteRTReport] = {}
     for kind in dict.fromkeys(kinds):

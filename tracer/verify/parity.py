@@ -170,16 +170,23 @@ def _tensor_refs(value: Any) -> Any:
     return value if isinstance(value, Ref) else None
 
 
+def input_batch_axes(in_layouts: Sequence[Phys]) -> list[int]:
+    """Each input's batch axis in PyTorch's layout: the torch axis its Keras input holds first (0,
+    except for an input consumed with the batch elsewhere: an RNN's ``h0`` ``(L*D, B, H)`` -> 1)."""
+    return [p.perm[0] if p is not None and p.perm else 0 for p in in_layouts]
+
+
 def _torch_trial(model: torch.nn.Module, inputs: Sequence[np.ndarray], label: str,
-                 sample: Sequence[np.ndarray]) -> list[np.ndarray]:
+                 sample: Sequence[np.ndarray], axis: int = 0) -> list[np.ndarray]:
     """PyTorch's outputs for one trial; a model that PyTorch runs only at the sample's batch size
-    (``x.view(2, -1)``, a parameter the size of the batch) is refused in one error naming the line."""
+    (``x.view(2, -1)``, a parameter the size of the batch) is refused in one error naming the line.
+    ``axis``: the first input's batch axis."""
     try:
         return run_torch(model, inputs)
     except Exception as exc:  # noqa: BLE001  (any error of the user's forward)
         if not sample:
             raise
-        b, n = (x.shape[0] if getattr(x, "ndim", 0) else None for x in (sample[0], inputs[0]))
+        b, n = (x.shape[axis] if getattr(x, "ndim", 0) > axis else None for x in (sample[0], inputs[0]))
         if b == n:
             raise
         raise ConversionError(
@@ -229,12 +236,16 @@ def compare(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], tol: floa
 
 
 def random_like(shapes: Sequence[tuple], dtypes: Sequence[str], seed: int, batch: int | None = None,
-                int_ranges: Sequence[tuple[int, int] | None] = ()) -> list[np.ndarray]:
-    """Standard normal floats; bools and integers in ``int_ranges[i]`` = [low, high) (default 0/1)."""
+                int_ranges: Sequence[tuple[int, int] | None] = (), batch_axes: Sequence[int] = ()) -> list[np.ndarray]:
+    """Standard normal floats; bools and integers in ``int_ranges[i]`` = [low, high) (default 0/1).
+    ``batch`` (if given) is the size of each input's batch axis, ``batch_axes[i]`` (default 0)."""
     rng = np.random.default_rng(seed)
     out = []
     for i, (shape, dt) in enumerate(zip(shapes, dtypes)):
-        shape = (batch, *shape[1:]) if batch is not None and len(shape) else tuple(shape)
+        shape = list(shape)
+        if batch is not None and shape:
+            shape[batch_axes[i] if i < len(batch_axes) else 0] = batch
+        shape = tuple(shape)
         if dt.startswith("int") or dt.startswith("uint") or dt == "bool":
             low, high = (int_ranges[i] if i < len(int_ranges) and int_ranges[i] and dt != "bool" else (0, 2))
             out.append(rng.integers(low, high, size=shape).astype(dt))
@@ -296,17 +307,17 @@ def check_parity(model: torch.nn.Module, keras_model: Any, sample: Sequence[np.n
     shapes = [tuple(x.shape) for x in sample]
     dtypes = [str(x.dtype) for x in sample]
     trials: list[tuple[str, list[np.ndarray]]] = [("sample", list(sample))]
-    ranges = int_ranges(sample, graph)
-    for k in range(n_random):
-        batch = (shapes[0][0] % 3) + 2 if k == n_random - 1 and shapes[0] else None
+    ranges, axes = int_ranges(sample, graph), input_batch_axes(in_layouts) or [0]
+    for k in range(n_random):  # the last at another batch size, on each input's own batch axis
+        batch = (shapes[0][axes[0]] % 3) + 2 if k == n_random - 1 and len(shapes[0]) > axes[0] else None
         trials.append((f"random{k}" + (f" (batch {batch})" if batch else ""),
-                       random_like(shapes, dtypes, seed + k, batch, ranges)))
+                       random_like(shapes, dtypes, seed + k, batch, ranges, axes)))
     trials += [(f"user{k}", list(x)) for k, x in enumerate(extra)]
     trials += [(label, random_like(other, dtypes, seed + 100 + k, None, ranges))
                for k, (label, other) in enumerate(sizes)]
     report = ParityReport(tolerance=tol, output_names=graph_output_names(graph))
     for label, inputs in trials:
-        expected = _torch_trial(model, inputs, label, sample)
+        expected = _torch_trial(model, inputs, label, sample, axes[0])
         try:
             got = run_keras(keras_model, inputs, in_layouts, out_layouts)
         except Exception as exc:  # noqa: BLE001  (TensorFlow's InvalidArgumentError and the like)
