@@ -202,3 +202,30 @@ def causal_mask(q: Any, q_axis: int, k: Any, k_axis: int, rank: int) -> Any:
     for _ in range(rank - 2):
         m = keras.ops.expand_dims(m, 0)
     return m
+
+
+def expanded(node: OpNode, ctx: Emit, x: Any, in_shape: tuple, batch: int) -> Any:
+    """``x.expand(size)`` with entries of ``size`` that follow a dynamic axis: new leading axes added, each
+    unit axis that grows multiplied by ones of its length (a witness for a dynamic size, the runtime
+    batch for an int axis 0 equal to the sample's ``batch``, a tile for other numbers)."""
+    size, rank = tuple(node.kw["size"]), node.rank
+    for _ in range(rank - len(in_shape)):
+        x = keras.ops.expand_dims(x, 0)
+    have = (1,) * (rank - len(in_shape)) + tuple(in_shape)
+    phys = node.layout if len(node.layout.perm) == rank and node.layout.flat is None else Phys.identity(rank)
+    reps = [1] * rank
+    for i, (h, s) in enumerate(zip(have, size)):
+        if h != 1 or s == -1 or s == 1:
+            continue
+        axis = phys.axis(i)
+        if isinstance(s, Ref):
+            ones = ctx.tensor_input(node, ctx.index_of(node, s))
+        elif i == 0 and s == batch:
+            ones = witness(ctx.anchor, 0)
+        else:
+            reps[axis] = int(s)
+            continue
+        ones = keras.ops.reshape(ones, [1] * axis + [-1] + [1] * (rank - axis - 1))
+        x = keras.ops.logical_and(x, keras.ops.cast(ones, "bool")) if x.dtype == "bool" else keras.ops.multiply(
+            x, keras.ops.cast(ones, x.dtype))
+    return x if all(r == 1 for r in reps) else keras.ops.tile(x, reps)

@@ -25,7 +25,7 @@ from tracer.emitter.context import Emit, to_numpy
 from tracer.op_rules.common import call_with_weights, ntuple, pad_spatial, param
 from tracer.op_rules.indexing import outer_index
 from tracer.op_rules.registry import Layout, rule
-from tracer.op_rules.sizes import filled, has_dynamic_size, witness
+from tracer.op_rules.sizes import expanded, filled, has_dynamic_size, witness
 from tracer.ir import OpNode, Phys, Ref, ordered
 
 _KERAS_DTYPE = {"float64": "float32", "int64": "int32"}
@@ -87,6 +87,8 @@ def _reps(node: OpNode, in_shape: tuple) -> list[int]:
 def expand(node: OpNode, ctx: Emit) -> Any:
     """expand broadcasts unit axes, repeat/tile repeat whole axes: both a tile in Keras."""
     src = ctx.graph.nodes[node.inputs[0]]["op"]
+    if node.target == "expand" and has_dynamic_size(node.kw.get("size")):  # tracer/capture/sizes.py
+        return expanded(node, ctx, ctx.tensor_input(node, 0), src.shape, sample_batch(ctx))
     reps = _reps(node, src.shape)
     x = ctx.input(node, 0)
     if isinstance(x, np.ndarray):  # a constant (a token, a table): tiled here, batch at runtime

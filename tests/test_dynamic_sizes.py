@@ -111,6 +111,27 @@ def test_static_sizes_stay_folded():
     assert other.report.ok and not size_nodes(other)
 
 
+class ExpandedToLength(nn.Module):
+    """Position ids ``arange(T).expand(B, T)`` and a key mask expanded over the queries (B, T, T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(19)
+        self.pos = nn.Embedding(64, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.arange(x.size(1)).expand(x.shape[:2])
+        keys = (x[..., 0] > 0)[:, None, :].expand(-1, x.size(1), -1)
+        scores = torch.tril(x @ x.transpose(1, 2)).masked_fill(~keys, -1.0)
+        return x + self.pos(ids), scores
+
+
+def test_expand_to_a_dynamic_length_keras_and_litert():
+    torch.manual_seed(20)
+    result = convert_dynamic(ExpandedToLength(), torch.randn(2, 10, 4), ({1: "t"},))
+    assert_parity_at_sizes(result, "t")
+
+
 class CausalAttention(nn.Module):
     """Heads split with ``view(b, t, ...)`` and F.scaled_dot_product_attention(is_causal=True)."""
 
