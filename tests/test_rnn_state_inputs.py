@@ -156,3 +156,23 @@ def test_cell_loop_state_input(kind):
     result = _convert(LSTMLoop() if kind == "LSTMCell" else Loop(), x, *states)
     assert all(p.is_identity for p in result.input_layouts)
     _assert_other_batch(result, (x, *states), [0] * (1 + len(states)))
+
+
+def test_projected_lstm_and_time_major_rnn_states():
+    """proj_size (unrolled cells: h0 (L, B, P), c0 (L, B, H)) and a time-major nn.RNN indexed on time."""
+
+    class LastStep(Streaming):
+        def forward(self, x, h0):
+            y, h = self.rnn(x, h0)
+            return y[-1], h[-1]
+
+    torch.manual_seed(6)
+    x, h0, c0 = torch.randn(BATCH, STEPS, F_IN), torch.randn(2, BATCH, 3), torch.randn(2, BATCH, HID)
+    lstm = StreamingLSTM(nn.LSTM(F_IN, HID, num_layers=2, proj_size=3, batch_first=True))
+    result = _convert(lstm, x, h0, c0)
+    assert result.input_layouts == [Phys.identity(3), STATE, STATE]
+    _assert_other_batch(result, (x, h0, c0), [0, 1, 1])
+    x, h0 = torch.randn(STEPS, BATCH, F_IN), torch.randn(2, BATCH, HID)
+    result = _convert(LastStep(nn.RNN(F_IN, HID, num_layers=2)), x, h0)
+    assert result.input_layouts == [Phys((1, 0, 2)), STATE]
+    _assert_other_batch(result, (x, h0), [1, 1])
