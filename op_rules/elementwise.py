@@ -81,7 +81,21 @@ def _apply(node: OpNode, ctx: Emit, kname: str, a: Any, b: Any) -> Any:
         c = ctx.constant(other, ctx.name(node))
         c = c if c.dtype == tensor.dtype else keras.ops.cast(c, tensor.dtype)
         return getattr(keras.ops, kname)(*((c, tensor) if const_first else (tensor, c)))
+    if not ka and kname in ("subtract", "divide"):
+        return _scalar_first(kname, a, tensor)
     return getattr(keras.ops, kname)(a, b)
+
+
+def _scalar_first(kname: str, c: Any, x: Any) -> Any:
+    """``c - x`` / ``c / x`` for a Python number ``c``, in a form LiteRT keeps the right way round.
+
+    Works around the TFLite converter of TF 2.21: ``SUB(c, TRANSPOSE(x))`` / ``DIV(c, ...)`` with a
+    scalar (or all-ones-shaped) constant first becomes ``SUB(x', c)`` when the converter moves the
+    transposes through it, so the sign or the quotient is flipped in the .tflite while Keras is right
+    (bench/fuzz.py graph 1810: 1.39 off; ``-x + c`` is canonicalized back into that SUB). The first
+    operand is a tensor filled with ``c`` instead (FILL of x's runtime shape: exact, and not a
+    constant the converter can move). Delete when ``c - transpose(x)`` converts correctly."""
+    return getattr(keras.ops, kname)(keras.ops.full_like(x, c), x)
 
 
 def scale(x: Any, factor: float, name: str) -> Any:

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.helpers import assert_converts
+from tests.helpers import Functional, assert_converts
+from tracer import convert_model
 
 B, C_IN, C, H, W = 2, 4, 6, 6, 5
 
@@ -382,3 +383,15 @@ def test_reduce_special(fn):
 def test_global_mean_pool_needs_no_transpose_after_input(channels_last_io):
     result = check(lambda m, y: y.mean((2, 3)), channels_last_io=channels_last_io)
     assert result.transpose_count == (0 if channels_last_io else 1), result.transposes
+
+
+@pytest.mark.parametrize("fn", [lambda x: 0.7 - torch.softmax(x, 1), lambda x: 0.7 - torch.relu(x),
+                                lambda x: 0.7 / (torch.relu(x) + 1)], ids=["rsub_softmax", "rsub_relu", "rdiv"])
+def test_number_minus_map_keeps_its_sign_in_litert(fn):
+    """``c - x`` / ``c / x`` on an NCHW map held NHWC: TF 2.21's TFLite converter swapped the operands of
+    SUB(c, TRANSPOSE(x)) (fuzzer graph 1810, 1.39 off); the rule's form keeps them (op_rules/elementwise.py)."""
+    torch.manual_seed(12)
+    result = convert_model(Functional(fn).eval(), torch.randn(1, 3, 8, 8), n_random=1, tflite=("fp32",),
+                           raise_on_mismatch=False)
+    assert result.report.ok, result.report.summary()
+    assert result.tflite_reports["fp32"].ok, result.tflite_reports["fp32"].summary()
