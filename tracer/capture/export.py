@@ -129,7 +129,7 @@ def decompose_as_needed(ep: ExportedProgram, everything: bool = False) -> tuple[
         return _run_decompositions(ep, None), ["all (core ATen)"]
     dynamic = _dynamic_nodes(ep)
     ops = {n.target for n in ep.graph.nodes if n.op == "call_function" and n.name in dynamic
-           and isinstance(n.target, torch._ops.OpOverload)}
+           and isinstance(n.target, torch._ops.OpOverload) and n.target not in _SIZE_OPS}
     mutating = {t for t in ops if t._schema.is_mutable}
     missing = sorted(str(t) for t in ops - mutating if not supported(t))
     if not missing and not mutating:
@@ -139,6 +139,10 @@ def decompose_as_needed(ep: ExportedProgram, everything: bool = False) -> tuple[
         if supported(op):
             del table[op]
     return _run_decompositions(ep, table), missing
+
+
+# sizes of dynamic axes (export with Dims): tracer/capture/sizes.py turns them into size nodes
+_SIZE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default}
 
 
 def _run_decompositions(ep: ExportedProgram, table: Any) -> ExportedProgram:
