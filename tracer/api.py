@@ -216,7 +216,9 @@ def convert(model: torch.nn.Module, sample_input: Any, **options: Any) -> Any:
         dynamic_shapes: axes besides the batch whose size may change, one dict per input mapping a
             torch axis to a name (or a ``torch.export.Dim`` with min/max), e.g. ``({2: "h", 3: "w"},)``;
             axes sharing a name are one size. The Keras inputs get ``None`` there, parity is checked at
-            two other sizes per name, and ops that would fix such a size are refused (tracer/dynamic.py).
+            two other sizes per name; sizes computed from such an axis (``x.shape[1] // 2``, ``arange(T)``,
+            ``zeros(B, T)``, ``buf[:, :T]``) are computed at runtime (tracer/capture/sizes.py), and ops
+            that would still fix such a size are refused (tracer/dynamic.py).
 
     Returns the Keras model; ``keras_model.tracer_result`` holds the ConversionResult with
     the parity report (``.report``), the graph and conversion facts.
