@@ -176,3 +176,15 @@ def test_projected_lstm_and_time_major_rnn_states():
     result = _convert(LastStep(nn.RNN(F_IN, HID, num_layers=2)), x, h0)
     assert result.input_layouts == [Phys((1, 0, 2)), STATE]
     _assert_other_batch(result, (x, h0), [1, 1])
+
+
+def test_gru_state_input_gradient_parity():
+    """Gradient parity draws its batch on each input's own batch axis (h0: torch axis 1)."""
+    from tracer.verify.gradcheck import check_gradients
+    torch.manual_seed(21)
+    model = Streaming(nn.GRU(4, 6, batch_first=True))
+    x, h0 = torch.randn(2, 5, 4), torch.randn(1, 2, 6)
+    result = _convert(model, x, h0)
+    report = check_gradients(model, result, [x.numpy(), h0.numpy()], batch=3)
+    assert report.ok, report.summary()
+    assert report.batch == 3

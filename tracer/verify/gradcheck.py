@@ -41,7 +41,7 @@ from tracer.verify.gradcheck_compare import (FLOOR, Mismatch, TensorDiff, compar
 from tracer.verify.gradcheck_params import map_parameters, restore_torch_weights
 from tracer.verify.kinks import TIE, Flip, GatedRun, decisions, find_kinks
 from tracer.verify.nodes import compare_nodes, compare_value, divergences, keras_probe, to_torch_order, torch_graph_module
-from tracer.verify.parity import FP32_NOISE_FACTOR, flatten_outputs
+from tracer.verify.parity import FP32_NOISE_FACTOR, flatten_outputs, input_batch_axes
 
 __all__ = ["GradReport", "Mismatch", "TensorDiff", "check_gradients", "map_parameters", "restore_torch_weights"]
 
@@ -131,7 +131,9 @@ def check_gradients(model: torch.nn.Module, result: Any, sample: Sequence[np.nda
     ``stat_tol`` and node values to ``forward_tol`` (scaled by max(1, max|value|), like outputs).
     """
     rng = np.random.default_rng(seed)
-    shapes = [(batch, *np.shape(x)[1:]) for x in sample]  # non-float inputs (ids): the sample's rows, repeated
+    axes = input_batch_axes(getattr(result, "input_layouts", None) or [None] * len(sample))  # h0: axis 1
+    shapes = [tuple(batch if i == a else n for i, n in enumerate(np.shape(x)))  # ids: the sample's rows, repeated
+              for x, a in zip(sample, axes)]
     xs = [rng.standard_normal(shape).astype(np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating)
           else np.resize(np.asarray(x), shape) for x, shape in zip(sample, shapes)]
     keras_model = result.keras_model
