@@ -43,8 +43,9 @@ def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], r
     check_calibration(calib, random_calibration)
     names = [t.name for t in keras_model.inputs]  # the serving signature's input names
     torch_shapes = [_torch_shape(tuple(t.shape), p) for t, p in zip(keras_model.inputs, layouts)]
-    sizes = _fill_dynamic(torch_shapes, sample_shapes)
-    if calib is None and any(d is None for s in sizes for d in s[1:]):
+    axes = [p.perm[0] if p is not None and p.perm else 0 for p in layouts]  # an RNN's h0 (L*D, B, H): 1
+    sizes = _fill_dynamic(torch_shapes, sample_shapes, axes)
+    if calib is None and any(d is None for s, b in zip(sizes, axes) for i, d in enumerate(s) if i != b):
         raise CalibrationError("random int8 calibration over dynamic axes needs the sample's sizes "
                                "(sample_shapes=); or pass calib= with real samples")
     if calib is None:
@@ -56,7 +57,7 @@ def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], r
 
     def dataset() -> Iterator[dict[str, np.ndarray]]:
         count = 0
-        for arrays in itertools.islice(calibration_samples(calib, torch_shapes, dtypes, sizes), limit):
+        for arrays in itertools.islice(calibration_samples(calib, torch_shapes, dtypes, sizes, axes), limit):
             # by name: the converter's own input order need not be the Keras model's
             yield {n: np.ascontiguousarray(np.transpose(a, p.perm)) for n, a, p in zip(names, arrays, layouts)}
             count += 1
@@ -67,30 +68,39 @@ def calibration_dataset(keras_model: Any, calib: Any, layouts: Sequence[Phys], r
 
 
 def calibration_samples(calib: Any, torch_shapes: Sequence[tuple], dtypes: Sequence[str] | None = None,
-                        sizes: Sequence[tuple] | None = None) -> Iterator[list[np.ndarray]]:
-    """One checked sample at a time, a list of (1, ...) arrays in PyTorch layout (random ones
-    of ``dtypes`` when ``calib`` is None). ``torch_shapes``: input shapes, batch first (any value),
+                        sizes: Sequence[tuple] | None = None, batch_axes: Sequence[int] | None = None
+                        ) -> Iterator[list[np.ndarray]]:
+    """One checked sample at a time, a list of arrays in PyTorch layout with batch 1 (random ones
+    of ``dtypes`` when ``calib`` is None). ``torch_shapes``: input shapes, any value on the batch axis,
     None on a dynamic axis (any size); ``sizes``: the same with the sample's sizes there, for random
-    samples and images (default ``torch_shapes``)."""
+    samples and images (default ``torch_shapes``); ``batch_axes``: each input's batch axis (default 0;
+    1 for an RNN state ``h0`` that is a model input)."""
     sizes = list(sizes or torch_shapes)
+    axes = list(batch_axes or [0] * len(torch_shapes))
     if calib is None:
         rng = np.random.default_rng(0)
         dts = list(dtypes or ["float32"] * len(torch_shapes))
-        raw: Iterable = ([rng.integers(0, 2, (1, *s[1:])).astype(d) if not d.startswith("float")
-                          else rng.standard_normal((1, *s[1:])).astype(np.float32) for s, d in zip(sizes, dts)]
+        ones = [_one(s, b) for s, b in zip(sizes, axes)]
+        raw: Iterable = ([rng.integers(0, 2, shape).astype(d) if not d.startswith("float")
+                          else rng.standard_normal(shape).astype(np.float32) for shape, d in zip(ones, dts)]
                          for _ in range(64))
     else:
-        raw = _source(calib, sizes)
+        raw = _source(calib, sizes, axes)
     for sample in raw:
-        yield _check_sample(sample, torch_shapes)
+        yield _check_sample(sample, torch_shapes, axes)
 
 
-def _fill_dynamic(torch_shapes: list[tuple], sample_shapes: Sequence[tuple] | None) -> list[tuple]:
-    """Input shapes with the unknown sizes past the batch (dynamic axes) taken from the sample's shapes."""
+def _one(shape: tuple, axis: int) -> tuple:
+    return tuple(1 if i == axis else n for i, n in enumerate(shape))
+
+
+def _fill_dynamic(torch_shapes: list[tuple], sample_shapes: Sequence[tuple] | None,
+                  axes: Sequence[int]) -> list[tuple]:
+    """Input shapes with the unknown sizes off the batch axis (dynamic axes) taken from the sample's shapes."""
     if not sample_shapes or len(sample_shapes) != len(torch_shapes):
         return torch_shapes
-    return [(s[0], *(d if d is not None else int(o) for d, o in zip(s[1:], tuple(o_s)[1:])))
-            if len(o_s) == len(s) else s for s, o_s in zip(torch_shapes, sample_shapes)]
+    return [tuple(d if d is not None or i == b else int(o) for i, (d, o) in enumerate(zip(s, o_s)))
+            if len(o_s) == len(s) else s for s, o_s, b in zip(torch_shapes, sample_shapes, axes)]
 
 
 def _torch_shape(keras_shape: tuple, phys: Phys) -> tuple:
@@ -101,35 +111,36 @@ def _torch_shape(keras_shape: tuple, phys: Phys) -> tuple:
     return tuple(out)
 
 
-def _source(calib: Any, torch_shapes: Sequence[tuple]) -> Iterable:
+def _source(calib: Any, torch_shapes: Sequence[tuple], axes: Sequence[int]) -> Iterable:
     """The accepted calibration sources as an iterable of samples (one array or a list per sample)."""
     if callable(calib):
         return calib()
     if isinstance(calib, (str, Path)):
         path = Path(calib)
         if path.is_dir():
-            return _folder_samples(path, torch_shapes)
+            return _folder_samples(path, torch_shapes, axes)
         if path.is_file() and path.suffix == ".npy":
-            return _split([np.load(path, allow_pickle=False)], torch_shapes)
+            return _split([np.load(path, allow_pickle=False)], torch_shapes, axes)
         raise CalibrationError(f"calibration path {path} is neither a folder nor a .npy file")
     if isinstance(calib, np.ndarray):
-        return _split([calib], torch_shapes)
+        return _split([calib], torch_shapes, axes)
     if isinstance(calib, (list, tuple)) and calib and all(isinstance(a, np.ndarray) for a in calib):
-        return _split(list(calib), torch_shapes)
+        return _split(list(calib), torch_shapes, axes)
     raise CalibrationError(f"calibration data must be a numpy array, a list of arrays (one per input), a "
                            f"folder, a .npy file or a callable; got {type(calib).__name__}")
 
 
-def _split(arrays: list[np.ndarray], torch_shapes: Sequence[tuple]) -> Iterator[list[np.ndarray]]:
-    """Arrays holding N samples each (or one sample without the batch axis) -> one sample at a time."""
+def _split(arrays: list[np.ndarray], torch_shapes: Sequence[tuple], axes: Sequence[int]
+           ) -> Iterator[list[np.ndarray]]:
+    """Arrays holding N samples each on their batch axis (or one sample without it) -> one sample at a time."""
     if len(arrays) != len(torch_shapes):
         raise CalibrationError(f"calibration gives {len(arrays)} array(s), the model takes {len(torch_shapes)} inputs")
-    batched = [a if a.ndim == len(s) else a[None] for a, s in zip(arrays, torch_shapes)]
-    for i in range(min(a.shape[0] for a in batched)):
-        yield [a[i:i + 1] for a in batched]
+    batched = [a if a.ndim == len(s) else np.expand_dims(a, b) for a, s, b in zip(arrays, torch_shapes, axes)]
+    for i in range(min(a.shape[b] for a, b in zip(batched, axes))):
+        yield [np.take(a, [i], axis=b) for a, b in zip(batched, axes)]
 
 
-def _folder_samples(path: Path, torch_shapes: Sequence[tuple]) -> Iterator[list[np.ndarray]]:
+def _folder_samples(path: Path, torch_shapes: Sequence[tuple], axes: Sequence[int]) -> Iterator[list[np.ndarray]]:
     """Each .npy (samples of a one-input model), .npz (one array per input, in order) or image
     file of the folder, in name order."""
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in {".npy", ".npz", *_IMAGE_SUFFIXES})
@@ -137,11 +148,11 @@ def _folder_samples(path: Path, torch_shapes: Sequence[tuple]) -> Iterator[list[
         raise CalibrationError(f"calibration folder {path} holds no .npy, .npz or image files")
     for f in files:
         if f.suffix == ".npy":
-            yield from _split([np.load(f, allow_pickle=False)], torch_shapes)
+            yield from _split([np.load(f, allow_pickle=False)], torch_shapes, axes)
         elif f.suffix == ".npz":
             with np.load(f, allow_pickle=False) as z:
                 arrays = [z[k] for k in z.files]
-            yield from _split(arrays, torch_shapes)
+            yield from _split(arrays, torch_shapes, axes)
         else:
             yield [_load_image(f, torch_shapes)]
 
@@ -162,18 +173,18 @@ def _load_image(path: Path, torch_shapes: Sequence[tuple]) -> np.ndarray:
     return np.transpose(image, (2, 0, 1))[None].astype(np.float32)
 
 
-def _check_sample(sample: Any, torch_shapes: Sequence[tuple]) -> list[np.ndarray]:
+def _check_sample(sample: Any, torch_shapes: Sequence[tuple], axes: Sequence[int]) -> list[np.ndarray]:
     arrays = [sample] if not isinstance(sample, (list, tuple)) else list(sample)
     arrays = [np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for a in arrays]
     if len(arrays) != len(torch_shapes):
         raise CalibrationError(f"a calibration sample has {len(arrays)} array(s), "
                                f"the model takes {len(torch_shapes)} inputs")
     out = []
-    for a, s in zip(arrays, torch_shapes):
-        a = a[None] if a.ndim == len(s) - 1 else a
-        if a.ndim != len(s) or any(d is not None and n != d for n, d in zip(a.shape[1:], s[1:])):
+    for a, s, b in zip(arrays, torch_shapes, axes):
+        a = np.expand_dims(a, b) if a.ndim == len(s) - 1 else a
+        if a.ndim != len(s) or any(d is not None and n != d and i != b for i, (n, d) in enumerate(zip(a.shape, s))):
+            want = ", ".join("N" if i == b else "any" if d is None else str(d) for i, d in enumerate(s))
             raise CalibrationError(f"calibration sample of shape {a.shape} does not fit the input shape "
-                                   f"(N, {', '.join('any' if d is None else str(d) for d in s[1:])}) "
-                                   "(PyTorch layout; 'any' is a dynamic axis)")
+                                   f"({want}) (PyTorch layout; 'any' is a dynamic axis)")
         out.append(a.astype(np.float32) if a.dtype.kind == "f" else a)
     return out

@@ -188,3 +188,23 @@ def test_gru_state_input_gradient_parity():
     report = check_gradients(model, result, [x.numpy(), h0.numpy()], batch=3)
     assert report.ok, report.summary()
     assert report.batch == 3
+
+
+def test_gru_state_input_int8_calibration_splits_on_each_batch_axis():
+    """int8 calibration data for an h0 input is split on its batch axis (torch axis 1), not axis 0."""
+    from tracer.emitter.tflite import calibration_dataset
+    torch.manual_seed(22)
+    model = Streaming(nn.GRU(4, 6, batch_first=True))
+    x, h0 = torch.randn(2, 5, 4), torch.randn(1, 2, 6)
+    result = _convert(model, x, h0)
+    xs, hs = np.random.default_rng(0).standard_normal((3, 5, 4), np.float32), np.arange(18, dtype=np.float32)
+    hs = hs.reshape(1, 3, 6)  # three samples along the state's batch axis
+    names = [t.name for t in result.keras_model.inputs]
+    got = list(calibration_dataset(result.keras_model, [xs, hs], result.input_layouts, False)())
+    assert len(got) == 3
+    for k, sample in enumerate(got):
+        assert sample[names[0]].shape == (1, 5, 4) and sample[names[1]].shape == (1, 1, 6)  # Keras (B, L*D, H)
+        np.testing.assert_array_equal(sample[names[1]][0, 0], hs[0, k])
+    converted = convert_model(model.eval(), (x, h0), n_random=1, tflite=("int8",), calib=[xs, hs],
+                              raise_on_mismatch=False)
+    assert converted.tflite_reports["int8"].parity.trials

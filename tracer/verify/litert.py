@@ -249,8 +249,9 @@ def export_and_check(model: torch.nn.Module, keras_model: Any, kinds: Sequence[s
     check_options(kinds, calib, int8_io, random_calibration)
     trials = list(extra)
     if calib is not None and check:
-        first = list(itertools.islice(calibration_samples(calib, [x.shape for x in sample]), CALIB_TRIAL))
         axes = input_batch_axes(in_layouts)  # one batch, on each input's own batch axis
+        first = list(itertools.islice(calibration_samples(calib, [x.shape for x in sample], batch_axes=axes),
+                                      CALIB_TRIAL))
         trials.append([np.concatenate(arrays, axis=ax) for arrays, ax in zip(zip(*first), axes)])
     files: dict[str, bytes] = {}
     reports: dict[str, LiteRTReport] = {}
