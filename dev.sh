@@ -59,7 +59,8 @@ setup_zoo() {
 }
 
 CUDA_TESTS=(tests/test_cuda_wheel.py tests/test_external_subset.py tests/test_zoo_subset.py tests/test_model_names.py
-            tests/op_rules/test_library.py tests/op_rules/test_reduce.py tests/test_capture_export.py)
+            tests/op_rules/test_library.py tests/op_rules/test_reduce.py tests/test_capture_export.py
+            tests/test_dynamic_text.py tests/test_external_dynamic_subset.py)
 
 case "${1:-}" in
   setup)
