@@ -30,10 +30,12 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.operator_schemas import normalize_function
 
+from tracer.capture.leaf_ops import LEAF_OP, leaf_modules, restore_leaf_modules
 from tracer.capture.recording import OWN_DIRS, TORCH_DIR, Recorder, build_graph
 from tracer.capture.sizes import size_changes
 from tracer.dynamic import DynamicAxis
 from tracer.errors import CaptureError
+from tracer.op_rules.registry import has_module_rule
 
 aten = torch.ops.aten
 
@@ -48,9 +50,11 @@ def capture_export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], rea
     as ``torch.export.Dim`` s so that sizes computed from them stay nodes (``aten.sym_size.int`` and
     SymInt arithmetic; tracer/capture/sizes.py) instead of numbers.
     """
-    ep = export(model, inputs, fx_error, dims)
-    ep, decomposed = decompose_as_needed(ep, everything=core_aten)
+    with leaf_modules(model, has_module_rule) as leaves:  # modules with a rule stay one node (leaf_ops.py)
+        ep = export(model, inputs, fx_error, dims)
+        ep, decomposed = decompose_as_needed(ep, everything=core_aten)
     gm = lift_state(ep)
+    restore_leaf_modules(gm, leaves)
     one_output_forms(gm.graph)
     gm.recompile()
     recorder = Recorder(gm, size_changes(gm, inputs, dims))
@@ -131,7 +135,7 @@ def decompose_as_needed(ep: ExportedProgram, everything: bool = False) -> tuple[
     ops = {n.target for n in ep.graph.nodes if n.op == "call_function" and n.name in dynamic
            and isinstance(n.target, torch._ops.OpOverload) and n.target not in _SIZE_OPS}
     mutating = {t for t in ops if t._schema.is_mutable}
-    missing = sorted(str(t) for t in ops - mutating if not supported(t))
+    missing = sorted(str(t) for t in ops - mutating if not supported(t) and t is not LEAF_OP)
     if not missing and not mutating:
         return ep, []
     table = torch.export.default_decompositions()
