@@ -27,7 +27,7 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.external import MODELS as EXTERNAL  # noqa: E402
-from bench.external import rnn  # noqa: E402
+from bench.external import _tokens, hf, rnn  # noqa: E402
 from bench.zoo import RESULT_TAG, _first_line, _fmt, perturb  # noqa: E402
 
 TOL = 1e-5  # fp32: max abs <= 1e-5 x max(1, max|y|)
@@ -55,10 +55,10 @@ def crnn_kws_example() -> tuple:
     return crnn_kws.build(), torch.randn(*crnn_kws.SAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
 
 
-def one_input(model: Any) -> Any:
-    """``model`` behind ``forward(self, x)`` when its forward takes ``*args`` (bench/external.py's ``Main``):
-    tracer's torch.export fallback passes ``dynamic_shapes`` flat, which torch.export refuses for ``*args``
-    (a converter bug reported with issue 14's table; static conversion is unaffected)."""
+def fixed_arity(model: Any) -> Any:
+    """``model`` behind ``forward(self, x, mask=None)`` when its forward takes ``*args`` (bench/external.py's
+    ``Main``): tracer's torch.export fallback passes ``dynamic_shapes`` flat, which torch.export refuses for
+    ``*args`` (a converter bug reported with issue 14's table; static conversion is unaffected)."""
     import inspect
 
     import torch
@@ -66,15 +66,31 @@ def one_input(model: Any) -> Any:
     if not any(p.kind is p.VAR_POSITIONAL for p in params):
         return model
 
-    class OneInput(torch.nn.Module):
+    class FixedArity(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.inner = model
 
-        def forward(self, x):
-            return self.inner(x)
+        def forward(self, x, mask=None):
+            return self.inner(x) if mask is None else self.inner(x, mask)
 
-    return OneInput()
+    return FixedArity()
+
+
+def _ids_and_mask() -> tuple:
+    """bench/external.py's 16 token ids and an attention mask with the last 3 positions padded."""
+    import torch
+    ids = _tokens()
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0
+    return ids, mask
+
+
+def _masked(name: str) -> Callable:
+    """bench/external.py's text model ``name`` (its config) called as model(input_ids, attention_mask)."""
+    import inspect
+    config = inspect.getclosurevars(EXTERNAL[name][1]).nonlocals
+    return hf(config["model_cls"], config["config_cls"], _ids_and_mask, **config["config"])
 
 
 def _ext(name: str) -> Callable:
@@ -82,6 +98,13 @@ def _ext(name: str) -> Callable:
 
 
 SEQ = axis(1, "seq", 2, 64)  # the text configs' 64 positions (RoBERTa's 66 less its padding offset of 2)
+
+
+def seq_both(sample: Any) -> tuple:
+    """One dynamic length shared by the token ids and the attention mask."""
+    import torch
+    seq = torch.export.Dim("seq", min=2, max=64)
+    return ({1: seq}, {1: seq})
 
 # name -> (family, builder, dynamic_shapes(sample), expected: "ok" or "refused")
 MODELS: dict[str, tuple[str, Callable, Callable, str]] = {
@@ -98,13 +121,17 @@ MODELS: dict[str, tuple[str, Callable, Callable, str]] = {
     "hf_roberta": ("hf-text", _ext("hf_roberta"), SEQ, "ok"),
     "hf_gpt2": ("hf-text", _ext("hf_gpt2"), SEQ, "ok"),
     "hf_t5_encoder": ("hf-text", _ext("hf_t5_encoder"), SEQ, "ok"),
+    "hf_bert_mask": ("hf-text", _masked("hf_bert"), seq_both, "ok"),
+    "hf_distilbert_mask": ("hf-text", _masked("hf_distilbert"), seq_both, "ok"),
+    "hf_roberta_mask": ("hf-text", _masked("hf_roberta"), seq_both, "ok"),
+    "hf_t5_encoder_mask": ("hf-text", _masked("hf_t5_encoder"), seq_both, "ok"),
     "hf_whisper_encoder": ("hf-audio", _ext("hf_whisper_encoder"), axis(2, "frames"), "refused"),  # fixed length
     "hf_wav2vec2": ("hf-audio", _ext("hf_wav2vec2"), axis(1, "samples", 400, 16000), "ok"),
     "lstm_batch_first": ("rnn", _ext("lstm_batch_first"), axis(1, "time"), "ok"),
     "lstm_2layer_bidir": ("rnn", _ext("lstm_2layer_bidir"), axis(1, "time"), "ok"),
     "gru_2layer": ("rnn", rnn("GRU", num_layers=2), axis(1, "time"), "ok"),
     "rnn_tanh": ("rnn", _ext("rnn_tanh"), axis(1, "time"), "ok"),
-    "lstm_seq_first": ("rnn", _ext("lstm_seq_first"), axis(0, "time"), "refused"),  # axis 0 is the batch's
+    "lstm_seq_first": ("rnn", _ext("lstm_seq_first"), axis(0, "time"), "ok"),  # (T, B, C): time is torch axis 0
     "crnn_kws": ("rnn", crnn_kws_example, axis(3, "time"), "ok"),
     "crnn_gru_last": ("rnn", _ext("crnn_kws"), axis(3, "time"), "ok"),
 }
@@ -115,7 +142,7 @@ class Row:
     model: str
     family: str
     expect: str = "ok"
-    status: str = "error"  # ok | mismatch | refused | tflite-fail | error | timeout | setup
+    status: str = "error"  # ok | mismatch | refused (a clear refusal) | error | tflite-fail | timeout | setup
     axes: str = ""  # "h,w" or "seq[2..64]"
     axes_names: list[str] = field(default_factory=list)
     sample_sizes: list[int] = field(default_factory=list)  # each dynamic name's size in the sample
@@ -136,6 +163,26 @@ def by_size(trials: list) -> dict[str, float]:
     return out
 
 
+def reason(e: BaseException) -> str:
+    """The error's type and first line; for a list ("3 operation(s) would fix ...:"), its first item too."""
+    text = f"{type(e).__name__}: {_first_line(e)}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        text = f"{type(e).__name__}: {lines[0]} {lines[1]}"
+    return text[:600]
+
+
+def refusal(e: BaseException) -> bool:
+    """Whether ``e`` is tracer refusing the model (its own error, naming what and why) rather than a
+    conversion that broke: the Keras model failing at another size, or a rule crashing inside Keras."""
+    if type(e).__name__ not in ("ConversionError", "InputError", "UnsupportedOpsError"):
+        return False
+    text = str(e)
+    if text.startswith("the converted Keras model fails"):
+        return False
+    return not text.startswith("while converting") or isinstance(e.__cause__, NotImplementedError)
+
+
 def convert_one(name: str, tflite: bool = True) -> Row:
     """Build ``name``, convert it once with its dynamic axes, check Keras and fp32 LiteRT (in the child)."""
     import torch
@@ -145,51 +192,51 @@ def convert_one(name: str, tflite: bool = True) -> Row:
 
     family, build, spec, expect = MODELS[name]
     row = Row(name, family, expect)
+    dynamic: tuple = ()
     try:
         torch.manual_seed(0)
         model, sample = build()
-        model = one_input(randomize_bn_stats(perturb(model.eval())).eval())
+        model = fixed_arity(randomize_bn_stats(perturb(model.eval())).eval())
+        inputs = sample if isinstance(sample, tuple) else (sample,)
         with torch.no_grad():
-            model(sample)
+            model(*inputs)
         dynamic = spec(sample)
-        dims = parse_dynamic_shapes(dynamic, (sample,))
+        dims = parse_dynamic_shapes(dynamic, inputs)
     except Exception as e:  # the model or the spec itself, not the converter
-        row.status, row.reason = ("refused", f"{type(e).__name__}: {_first_line(e)}") \
-            if type(e).__name__ == "InputError" else ("setup", _first_line(e))
+        row.axes = ",".join(str(getattr(v, "__name__", v)) for d in dynamic if d for v in d.values())
+        row.status, row.reason = ("refused" if type(e).__name__ == "InputError" else "setup"), reason(e)
         return row
     row.axes = ",".join(d.name + (f"[{d.low}..{d.high}]" if d.high else "") for d in dims)
     row.axes_names, row.sample_sizes = [d.name for d in dims], [d.size for d in dims]
     row.sizes = ["sample"] + [f"{d.name}={s}" for d in dims for s in d.others()]
     start = time.perf_counter()
     try:
-        _convert(row, model, sample, dynamic, dims, tflite)
+        _convert(row, model, inputs, dynamic, dims, tflite)
     except Exception as e:
-        kind = type(e).__name__
-        row.status = "refused" if kind in ("ConversionError", "InputError", "UnsupportedOpsError") else "error"
-        row.reason = f"{kind}: {_first_line(e)}"
+        row.status, row.reason = ("refused" if refusal(e) else "error"), reason(e)
     finally:
         row.seconds = round(time.perf_counter() - start, 1)
     return row
 
 
-def _convert(row: Row, model: Any, sample: Any, dynamic: tuple, dims: list, tflite: bool) -> None:
+def _convert(row: Row, model: Any, inputs: tuple, dynamic: tuple, dims: list, tflite: bool) -> None:
     from tracer import convert_model
     from tracer.dynamic import parity_shapes
     from tracer.emitter.tflite import op_counts
     from tracer.verify.litert import export_and_check
 
-    result = convert_model(model, sample, dynamic_shapes=dynamic, n_random=1, raise_on_mismatch=False)
+    result = convert_model(model, inputs, dynamic_shapes=dynamic, n_random=1, raise_on_mismatch=False)
     row.keras, row.transposes = by_size(result.report.trials), result.transpose_count
     row.capture = result.facts()["capture"].get("method", "")
     row.status = "ok" if result.report.ok else "mismatch"
     if not tflite:
         return
-    x = [sample.detach().cpu().numpy()]
+    x = [t.detach().cpu().numpy() for t in inputs]
     try:
         files, reports = export_and_check(model, result.keras_model, ("fp32",), x, result.input_layouts,
-                                          result.output_layouts, n_random=1, sizes=parity_shapes([x[0].shape], dims))
+                                          result.output_layouts, n_random=1, sizes=parity_shapes([a.shape for a in x], dims))
     except Exception as e:
-        row.status, row.reason = "tflite-fail", f"{type(e).__name__}: {_first_line(e)}"
+        row.status, row.reason = "tflite-fail", reason(e)
         return
     row.tflite_transposes = op_counts(files["fp32"]).get("TRANSPOSE", 0)
     if "fp32" not in reports:  # Select TF ops: not run in LiteRT
@@ -232,14 +279,14 @@ def _sizes(r: Row) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'model':29} {'family':8} {'axes':16} {'sizes (sample,others)':30} {'Keras scaled err':39} "
+    head = (f"{'model':29} {'family':8} {'axes':20} {'sizes (sample,others)':30} {'Keras scaled err':39} "
             f"{'TFLite scaled err':39} {'Transp K/T':>10} {'sec':>6} {'status':11} reason")
     lines = [head, "(errors: max |keras - torch| / max(1, max|torch|) at the sample's size, then each other size "
                    "in the order of the sizes column)", "-" * len(head)]
     for r in rows:
         transp = f"{_fmt(r.transposes, 'd')}/{_fmt(r.tflite_transposes, 'd')}"
         status = r.status + ("" if (r.status == "ok") == (r.expect == "ok") else "!")
-        lines.append(f"{r.model:29} {r.family:8} {r.axes:16} {_sizes(r):30} "
+        lines.append(f"{r.model:29} {r.family:8} {r.axes:20} {_sizes(r):30} "
                      f"{_errors(r.keras, r.sizes):39} {_errors(r.tflite, r.sizes):39} {transp:>10} "
                      f"{_fmt(r.seconds, '.1f'):>6} {status:11} {r.reason[:220]}")
     return "\n".join(lines)

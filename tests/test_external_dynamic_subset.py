@@ -2,8 +2,8 @@
 checked in Keras and fp32 LiteRT at the sample's size and two others, run in-process here.
 
 torch's LSTM over a dynamic time axis needs nothing else; torchvision's ViT (a clear refusal at other
-image sizes: its forward asserts the size) needs torchvision, installed only in .venv-zoo, and skips
-elsewhere.
+image sizes: its forward asserts the size) needs torchvision and Hugging Face DistilBERT (ids and mask
+over one dynamic length) transformers, both installed only in .venv-zoo; those skip elsewhere.
 """
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def test_torchvision_vit_refuses_other_image_sizes():
     assert "dynamic axis 'h'" in row.reason and "fails in PyTorch at h=128" in row.reason, row.reason
     line = next(ln for ln in table([row]).splitlines() if ln.startswith("vit_small_64"))
     assert "refused " in line and "refused!" not in line  # as expected: no '!' mark
+
+
+def test_hugging_face_distilbert_with_a_mask_over_a_dynamic_length():
+    pytest.importorskip("transformers", reason="transformers is installed only in .venv-zoo")
+    row = convert_one("hf_distilbert_mask")  # token ids and attention mask share one torch.export.Dim (max 64)
+    assert row.status == "ok", row.reason
+    assert row.axes == "seq[2..64]" and row.sizes == ["sample", "seq=32", "seq=24"]
+    assert row.capture == "torch.export"
+    for errors in (row.keras, row.tflite):
+        assert list(errors) == row.sizes and all(v <= FP32_TOL for v in errors.values()), errors
