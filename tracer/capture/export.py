@@ -30,12 +30,11 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.operator_schemas import normalize_function
 
-from tracer.capture.leaf_ops import LEAF_OP, leaf_modules, restore_leaf_modules
+from tracer.capture.leaf_ops import LEAF_OP, keep_whole, leaf_modules, restore_leaf_modules
 from tracer.capture.recording import OWN_DIRS, TORCH_DIR, Recorder, build_graph
 from tracer.capture.sizes import size_changes
 from tracer.dynamic import DynamicAxis
 from tracer.errors import CaptureError
-from tracer.op_rules.registry import has_module_rule
 
 aten = torch.ops.aten
 
@@ -50,7 +49,7 @@ def capture_export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], rea
     as ``torch.export.Dim`` s so that sizes computed from them stay nodes (``aten.sym_size.int`` and
     SymInt arithmetic; tracer/capture/sizes.py) instead of numbers.
     """
-    with leaf_modules(model, has_module_rule) as leaves:  # modules with a rule stay one node (leaf_ops.py)
+    with leaf_modules(model, keep_whole) as leaves:  # RNNs, MHA, user rules: one node each (leaf_ops.py)
         ep = export(model, inputs, fx_error, dims)
         ep, decomposed = decompose_as_needed(ep, everything=core_aten)
     gm = lift_state(ep)

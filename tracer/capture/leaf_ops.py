@@ -102,6 +102,28 @@ def _fake_state(module: torch.nn.Module, tensors: list) -> Iterator[None]:
         yield
 
 
+# torch.nn layer families that torch.export lowers to one ATen op (aten.conv2d, aten.linear, aten.layer_norm,
+# aten.max_pool2d ...) which has a rule of its own that is exact at any batch: these stay at the ATen level,
+# as they always were under export. Every other module with a rule (RNNs and their cells, MultiheadAttention,
+# the Transformer layers, a user's or library's own classes) is kept whole.
+ONE_ATEN_OP = frozenset(f"torch.nn.modules.{m}" for m in (
+    "batchnorm", "channelshuffle", "conv", "dropout", "flatten", "fold", "instancenorm", "linear",
+    "normalization", "padding", "pixelshuffle", "pooling", "sparse", "upsampling"))
+
+
+def keep_whole(module: torch.nn.Module) -> bool:
+    """Whether torch.export should keep ``module`` as one node: it has a module rule, and it is not a torch.nn
+    layer that export lowers to one ATen op anyway (:data:`ONE_ATEN_OP`, activations but MultiheadAttention)."""
+    from tracer.op_rules.registry import has_module_rule
+
+    if not has_module_rule(module):
+        return False
+    family = type(module).__module__
+    if family == "torch.nn.modules.activation":
+        return isinstance(module, torch.nn.MultiheadAttention)
+    return family not in ONE_ATEN_OP
+
+
 def leaf_paths(model: torch.nn.Module, is_leaf: Callable[[torch.nn.Module], bool]) -> dict[str, torch.nn.Module]:
     """The outermost submodules (not the model itself) that ``is_leaf`` keeps whole, by path."""
     found: dict[str, torch.nn.Module] = {}
