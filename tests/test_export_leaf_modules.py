@@ -159,3 +159,27 @@ def test_forward_is_restored_when_export_fails():
     with pytest.raises(Exception, match="torch.export could not capture"):
         capture_export(model, (torch.randn(3, 2, 4),), reason="test")
     assert "forward" not in model.gru.__dict__
+
+
+class BatchFirstGruAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):  # x (B, T, F)
+        y, _ = self.gru(x)
+        z, _ = self.mha(y, y, y, need_weights=False)
+        return z
+
+
+def test_dynamic_time_under_export_keeps_the_modules():
+    """torch.export.Dim on the time axis: the leaf op's fake kernel gives symbolic output shapes."""
+    torch.manual_seed(5)
+    result = convert_model(BatchFirstGruAttention().eval(), torch.randn(2, 6, 8), capture="export",
+                           dynamic_shapes=({1: "time"},), n_random=1, raise_on_mismatch=False)
+    assert result.graph.graph["capture"]["method"] == "torch.export"
+    assert _module_nodes(result) == {"gru": nn.GRU, "mha": nn.MultiheadAttention}
+    assert tuple(result.keras_model.inputs[0].shape) == (None, None, 8)
+    assert result.report.ok, result.report.summary()
+    assert len([t for t in result.report.trials if t.label.startswith("time=")]) == 2, result.report.summary()

@@ -24,6 +24,9 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 
+TENSOR = object()  # marks where a flattened argument or output is a tensor (None is a value there)
+
+
 @dataclass
 class LeafCall:
     """One call of a leaf module: how to rebuild its arguments from the op's tensors, and its outputs."""
@@ -32,13 +35,13 @@ class LeafCall:
     module: torch.nn.Module
     forward: Callable  # the module's own forward, not the patched one
     in_spec: Any
-    in_leaves: list  # the flattened arguments, tensors as None
+    in_leaves: list  # the flattened arguments, tensors as TENSOR
     out_spec: Any = None
-    out_leaves: list = field(default_factory=list)  # the flattened outputs, tensors as None
+    out_leaves: list = field(default_factory=list)  # the flattened outputs, tensors as TENSOR
 
     def arguments(self, tensors: list) -> tuple[tuple, dict]:
         it = iter(tensors)
-        leaves = [next(it) if v is None else v for v in self.in_leaves]
+        leaves = [next(it) if v is TENSOR else v for v in self.in_leaves]
         return pytree.tree_unflatten(leaves, self.in_spec)
 
     def run(self, tensors: list) -> list[torch.Tensor]:
@@ -48,7 +51,7 @@ class LeafCall:
         leaves, spec = pytree.tree_flatten(out)
         if self.out_spec is None:
             self.out_spec = spec
-            self.out_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+            self.out_leaves = [TENSOR if isinstance(v, torch.Tensor) else v for v in leaves]
         # a custom op's outputs may alias neither its inputs nor each other
         seen = {id(t) for t in tensors}
         outs = []
@@ -141,10 +144,10 @@ def _patched_forward(path: str, module: torch.nn.Module, forward: Callable, call
         if symbolic or not tensors:  # sizes that follow a dynamic axis cannot be kept with the call
             return forward(*args, **kwargs)
         key = f"{path}#{next(_COUNTER)}"
-        call = LeafCall(path, module, forward, spec, [None if isinstance(v, torch.Tensor) else v for v in leaves])
+        call = LeafCall(path, module, forward, spec, [TENSOR if isinstance(v, torch.Tensor) else v for v in leaves])
         _CALLS[key] = calls[key] = call
         outs = iter(leaf(key, tensors))
-        return pytree.tree_unflatten([next(outs) if v is None else v for v in call.out_leaves], call.out_spec)
+        return pytree.tree_unflatten([next(outs) if v is TENSOR else v for v in call.out_leaves], call.out_spec)
     return forward_as_leaf
 
 
@@ -208,8 +211,8 @@ def _add_module(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> str:
 def _rebuild_outputs(graph: fx.Graph, op_node: fx.Node, node: fx.Node, call: LeafCall) -> None:
     """``getitem(op, i)`` -> the chain of ``getitem`` s that reaches output ``i`` in the module's result."""
     where: dict[int, tuple] = {}
-    indexed = iter(range(len(call.out_leaves)))
-    numbered = pytree.tree_unflatten([next(indexed) if v is None else _Const() for v in call.out_leaves],
+    indexed = itertools.count()
+    numbered = pytree.tree_unflatten([next(indexed) if v is TENSOR else _Const() for v in call.out_leaves],
                                      call.out_spec)
     _paths(numbered, (), where)
     for user in list(op_node.users):
