@@ -105,14 +105,23 @@ class Shrink(nn.Module):
         return torch.sign(x) * torch.relu(x.abs() - self.t)
 
 
+class Halves(nn.Module):
+    """Returns views of its input (torch.library: a custom op's outputs must not alias its inputs; copied)."""
+
+    def forward(self, x):
+        return x[:, :3], x[:, 3:]
+
+
 class WithShrink(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(6, 6)
         self.shrink = Shrink()
+        self.halves = Halves()
 
     def forward(self, x):
-        return self.shrink(self.fc(x))
+        a, b = self.halves(self.shrink(self.fc(x)))
+        return a * b
 
 
 def test_user_module_rule_is_kept_under_export():
@@ -123,14 +132,20 @@ def test_user_module_rule_is_kept_under_export():
         x, t = ctx.input(node, 0), float(node.module.t.detach())
         return keras.ops.sign(x) * keras.ops.relu(keras.ops.abs(x) - t)
 
+    def halves(node, ctx):
+        calls.append(node.module_path)
+        x = ctx.input(node, 0)
+        return x[:, :3], x[:, 3:]
+
     register([Shrink], shrink, Layout.ANY)
+    register([Halves], halves, Layout.TORCH)
     try:
         torch.manual_seed(3)
         result = _converts_export(WithShrink(), torch.randn(2, 6))
-        assert _module_nodes(result) == {"shrink": Shrink}
-        assert "shrink" in calls
+        assert _module_nodes(result) == {"shrink": Shrink, "halves": Halves}
+        assert calls == ["shrink", "halves"]
     finally:
-        unregister(Shrink)
+        unregister(Shrink, Halves)
 
 
 def test_modules_are_restored_and_no_leaf_op_remains():

@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from tracer.errors import CaptureError
+
 
 TENSOR = object()  # marks where a flattened argument or output is a tensor (None is a value there)
 
@@ -52,13 +54,10 @@ class LeafCall:
         if self.out_spec is None:
             self.out_spec = spec
             self.out_leaves = [TENSOR if isinstance(v, torch.Tensor) else v for v in leaves]
-        # a custom op's outputs may alias neither its inputs nor each other
-        seen = {id(t) for t in tensors}
-        outs = []
-        for v in leaves:
+        outs: list[torch.Tensor] = []
+        for v in leaves:  # a custom op's outputs may alias neither its inputs nor each other
             if isinstance(v, torch.Tensor):
-                outs.append(v.clone() if id(v) in seen or _shares_storage(v, tensors) else v)
-                seen.add(id(v))
+                outs.append(v.clone() if _aliases(v, list(tensors) + outs) else v)
         return outs
 
 
@@ -80,12 +79,8 @@ def _leaf_fake(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 LEAF_OP = torch.ops.tracer.leaf.default
 
 
-def _shares_storage(t: torch.Tensor, tensors: list) -> bool:
-    try:
-        ptr = t.untyped_storage().data_ptr()
-        return ptr != 0 and any(ptr == x.untyped_storage().data_ptr() for x in tensors)
-    except (RuntimeError, NotImplementedError):  # fake tensors without real storage
-        return False
+def _aliases(t: torch.Tensor, others: list) -> bool:
+    return any(torch._C._is_alias_of(t, o) for o in others)
 
 
 @contextlib.contextmanager
@@ -217,7 +212,8 @@ def _rebuild_outputs(graph: fx.Graph, op_node: fx.Node, node: fx.Node, call: Lea
     _paths(numbered, (), where)
     for user in list(op_node.users):
         if user.target is not operator.getitem:
-            raise RuntimeError(f"tracer::leaf output used by {user.format_node()}, expected getitem")
+            raise CaptureError(f"{call.path} ({type(call.module).__name__}) kept as one node under torch.export: "
+                               f"its outputs are read by {user.format_node()}, not by indexing; report this")
         current = node
         with graph.inserting_before(user):
             for step in where[user.args[1]]:
