@@ -198,3 +198,24 @@ def test_dynamic_time_under_export_keeps_the_modules():
     assert tuple(result.keras_model.inputs[0].shape) == (None, None, 8)
     assert result.report.ok, result.report.summary()
     assert len([t for t in result.report.trials if t.label.startswith("time=")]) == 2, result.report.summary()
+
+
+class SharedGru(nn.Module):
+    """One GRU called twice (and held under two names): one module path, two nodes, as under torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(6, 6, batch_first=True)
+        self.again = self.gru
+
+    def forward(self, x):
+        y, h = self.gru(x)
+        z, _ = self.again(y, h)
+        return z
+
+
+def test_shared_module_called_twice():
+    torch.manual_seed(6)
+    result = _converts_export(SharedGru(), torch.randn(2, 4, 6))
+    nodes = [result.graph.nodes[n][OP] for n in result.graph.graph["order"]]
+    assert [(n.module_path, n.target) for n in nodes if n.kind == "call_module"] == [("gru", nn.GRU)] * 2

@@ -125,7 +125,7 @@ def keep_whole(module: torch.nn.Module) -> bool:
 def leaf_paths(model: torch.nn.Module, is_leaf: Callable[[torch.nn.Module], bool]) -> dict[str, torch.nn.Module]:
     """The outermost submodules (not the model itself) that ``is_leaf`` keeps whole, by path."""
     found: dict[str, torch.nn.Module] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
+    for path, m in model.named_modules():  # a module shared by two paths: its first, as torch.fx names it
         if path and is_leaf(m) and not any(path.startswith(p + ".") for p in found):
             found.setdefault(path, m)
     return found
