@@ -219,3 +219,14 @@ def test_shared_module_called_twice():
     result = _converts_export(SharedGru(), torch.randn(2, 4, 6))
     nodes = [result.graph.nodes[n][OP] for n in result.graph.graph["order"]]
     assert [(n.module_path, n.target) for n in nodes if n.kind == "call_module"] == [("gru", nn.GRU)] * 2
+
+
+def test_core_aten_decomposition_keeps_the_modules():
+    """run_decompositions retraces the program: the leaf op's fake kernel runs on the real module's weights."""
+    torch.manual_seed(7)
+    model = MhaGru().eval()
+    graph = capture_export(model, (torch.randn(5, 2, 16),), reason="test", core_aten=True)
+    nodes = [graph.nodes[n][OP] for n in graph.graph["order"]]
+    assert [(n.module_path, n.target) for n in nodes if n.kind == "call_module"] == [
+        ("mha", nn.MultiheadAttention), ("gru", nn.GRU)]
+    assert graph.graph["capture"]["decomposed"] == ["all (core ATen)"]
