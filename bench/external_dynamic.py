@@ -74,7 +74,7 @@ def fixed_arity(model: Any) -> Any:
         def forward(self, x, mask=None):
             return self.inner(x) if mask is None else self.inner(x, mask)
 
-    return FixedArity()
+    return FixedArity().eval()
 
 
 def _ids_and_mask() -> tuple:
@@ -183,7 +183,7 @@ def refusal(e: BaseException) -> bool:
     return not text.startswith("while converting") or isinstance(e.__cause__, NotImplementedError)
 
 
-def convert_one(name: str, tflite: bool = True) -> Row:
+def convert_one(name: str, tflite: bool = True, odd: bool = True) -> Row:
     """Build ``name``, convert it once with its dynamic axes, check Keras and fp32 LiteRT (in the child)."""
     import torch
 
@@ -211,7 +211,7 @@ def convert_one(name: str, tflite: bool = True) -> Row:
     row.sizes = ["sample"] + [f"{d.name}={s}" for d in dims for s in d.others()]
     start = time.perf_counter()
     try:
-        _convert(row, model, inputs, dynamic, dims, tflite)
+        _convert(row, model, inputs, dynamic, dims, tflite, odd)
     except Exception as e:
         row.status, row.reason = ("refused" if refusal(e) else "error"), reason(e)
     finally:
@@ -219,22 +219,54 @@ def convert_one(name: str, tflite: bool = True) -> Row:
     return row
 
 
-def _convert(row: Row, model: Any, inputs: tuple, dynamic: tuple, dims: list, tflite: bool) -> None:
+def odd_sizes(shapes: list[tuple], dims: list) -> list[tuple[str, list[tuple]]]:
+    """(label, input shapes) at one odd size per dynamic name besides the converter's own (2x and 1.5x of
+    the sample's, both even for an even sample): strided windows and padding that depend on the size's
+    parity show up only there. [] where the range holds no such size."""
+    from tracer.dynamic import resized_shapes
+    out = []
+    for d in dims:
+        odd = d.size + 1 if d.size % 2 == 0 else d.size + 2
+        if odd not in d.others() and (d.high is None or odd <= d.high):
+            out.append((f"{d.name}={odd}", resized_shapes(shapes, d, odd)))
+    return out
+
+
+def _convert(row: Row, model: Any, inputs: tuple, dynamic: tuple, dims: list, tflite: bool, odd: bool) -> None:
     from tracer import convert_model
     from tracer.dynamic import parity_shapes
-    from tracer.emitter.tflite import op_counts
-    from tracer.verify.litert import export_and_check
+    from tracer.verify.parity import check_parity
 
+    x = [t.detach().cpu().numpy() for t in inputs]
+    shapes = [a.shape for a in x]
+    extra = odd_sizes(shapes, dims) if odd else []
+    row.sizes = ["sample"] + [f"{d.name}={v}" for d in dims for v in d.others() + [
+        int(lb.split("=")[1]) for lb, _ in extra if lb.startswith(d.name + "=")]]
     result = convert_model(model, inputs, dynamic_shapes=dynamic, n_random=1, raise_on_mismatch=False)
     row.keras, row.transposes = by_size(result.report.trials), result.transpose_count
     row.capture = result.facts()["capture"].get("method", "")
     row.status = "ok" if result.report.ok else "mismatch"
-    if not tflite:
-        return
-    x = [t.detach().cpu().numpy() for t in inputs]
+    if extra:
+        model.eval()  # convert_model restores the mode it found
+        try:
+            more = check_parity(model, result.keras_model, x, result.input_layouts, result.output_layouts,
+                                n_random=0, sizes=extra, graph=result.graph, node_tensors=result.node_tensors)
+        except Exception as e:  # the Keras model fails at the odd size
+            row.status, row.reason = "mismatch", f"Keras at {', '.join(lb for lb, _ in extra)}: {reason(e)}"
+            return
+        row.keras.update({k: v for k, v in by_size(more.trials).items() if k != "sample"})
+        row.status = "ok" if result.report.ok and more.ok else "mismatch"
+    if tflite:
+        _litert(row, model, result, x, parity_shapes(shapes, dims) + extra)
+
+
+def _litert(row: Row, model: Any, result: Any, x: list, sizes: list) -> None:
+    """fp32 TFLite exported and run in LiteRT at the sample's size and each of ``sizes``."""
+    from tracer.emitter.tflite import op_counts
+    from tracer.verify.litert import export_and_check
     try:
         files, reports = export_and_check(model, result.keras_model, ("fp32",), x, result.input_layouts,
-                                          result.output_layouts, n_random=1, sizes=parity_shapes([a.shape for a in x], dims))
+                                          result.output_layouts, n_random=1, sizes=sizes)
     except Exception as e:
         row.status, row.reason = "tflite-fail", reason(e)
         return
@@ -247,10 +279,10 @@ def _convert(row: Row, model: Any, inputs: tuple, dynamic: tuple, dims: list, tf
         row.status = "mismatch"
 
 
-def child_row(name: str, timeout: float, tflite: bool) -> Row:
+def child_row(name: str, timeout: float, tflite: bool, odd: bool = True) -> Row:
     """Convert one model in a subprocess; a timeout or a crash becomes that model's row."""
     family, _, _, expect = MODELS[name]
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([name, tflite])]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([name, tflite, odd])]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
     row = Row(name, family, expect)
     try:
@@ -279,16 +311,18 @@ def _sizes(r: Row) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'model':29} {'family':8} {'axes':20} {'sizes (sample,others)':30} {'Keras scaled err':39} "
-            f"{'TFLite scaled err':39} {'Transp K/T':>10} {'sec':>6} {'status':11} reason")
+    err = max([17] + [len(_errors(e, r.sizes)) for r in rows for e in (r.keras, r.tflite)])
+    size = max([21] + [len(_sizes(r)) for r in rows])
+    head = (f"{'model':29} {'family':8} {'axes':20} {'sizes (sample,others)':{size}} {'Keras scaled err':{err}} "
+            f"{'TFLite scaled err':{err}} {'Transp K/T':>10} {'sec':>6} {'status':11} reason")
     lines = [head, "(errors: max |keras - torch| / max(1, max|torch|) at the sample's size, then each other size "
                    "in the order of the sizes column)", "-" * len(head)]
     for r in rows:
         transp = f"{_fmt(r.transposes, 'd')}/{_fmt(r.tflite_transposes, 'd')}"
         status = r.status + ("" if (r.status == "ok") == (r.expect == "ok") else "!")
-        lines.append(f"{r.model:29} {r.family:8} {r.axes:20} {_sizes(r):30} "
-                     f"{_errors(r.keras, r.sizes):39} {_errors(r.tflite, r.sizes):39} {transp:>10} "
-                     f"{_fmt(r.seconds, '.1f'):>6} {status:11} {r.reason[:220]}")
+        lines.append(f"{r.model:29} {r.family:8} {r.axes:20} {_sizes(r):{size}} {_errors(r.keras, r.sizes):{err}} "
+                     f"{_errors(r.tflite, r.sizes):{err}} {transp:>10} {_fmt(r.seconds, '.1f'):>6} {status:11} "
+                     f"{r.reason[:220]}")
     return "\n".join(lines)
 
 
@@ -307,11 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="models converted at once, each in its own process (default 1)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     ap.add_argument("--no-tflite", action="store_true", help="check Keras only (no fp32 LiteRT)")
+    ap.add_argument("--no-odd", action="store_true",
+                    help="only the converter's own sizes (2x, 1.5x the sample's), not one odd size per axis too")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        name, tflite = json.loads(args.child)
-        print(RESULT_TAG + json.dumps(asdict(convert_one(name, tflite))), flush=True)
+        name, tflite, odd = json.loads(args.child)
+        print(RESULT_TAG + json.dumps(asdict(convert_one(name, tflite, odd))), flush=True)
         return 0
     names = [n.strip() for n in (args.models or ",".join(MODELS)).split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -320,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     done: dict[str, Row] = {}
 
     def one(name: str) -> None:
-        row = child_row(name, args.timeout, not args.no_tflite)
+        row = child_row(name, args.timeout, not args.no_tflite, not args.no_odd)
         done[name] = row
         print(f"[external_dynamic] {row.model}: {row.status} {_fmt(row.seconds, '.1f')} s {row.reason}"[:240],
               flush=True)
