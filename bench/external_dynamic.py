@@ -216,6 +216,10 @@ def convert_one(name: str, tflite: bool = True, odd: bool = True) -> Row:
         row.status, row.reason = ("refused" if refusal(e) else "error"), reason(e)
     finally:
         row.seconds = round(time.perf_counter() - start, 1)
+    if row.status == "mismatch" and not row.reason:
+        over = [f"{side} {', '.join(k for k, v in errs.items() if v > TOL)}"
+                for side, errs in (("Keras", row.keras), ("TFLite", row.tflite)) if any(v > TOL for v in errs.values())]
+        row.reason = f"over {TOL:g} at: " + "; ".join(over)
     return row
 
 
