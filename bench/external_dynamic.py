@@ -310,8 +310,8 @@ def _sizes(r: Row) -> str:
     """'h=64,128,96 w=64,128,96': each dynamic name at the sample's size, then the others tried."""
     names = dict.fromkeys(s.split("=")[0] for s in r.sizes[1:])
     sample = dict(zip(r.axes_names, r.sample_sizes))
-    return " ".join(f"{n}={','.join([str(sample.get(n, '?'))] + [s.split('=')[1] for s in r.sizes if s.startswith(n + '=')])}"
-                    for n in names)
+    tried = {n: [str(sample.get(n, "?"))] + [s.split("=")[1] for s in r.sizes if s.startswith(n + "=")] for n in names}
+    return " ".join(f"{n}={','.join(v)}" for n, v in tried.items())
 
 
 def table(rows: list[Row]) -> str:
