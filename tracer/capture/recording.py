@@ -20,7 +20,7 @@ from tracer.capture.sizes import size_nodes
 from tracer.errors import CaptureError
 from tracer.ir import OP, OpNode, Ref, Source
 
-TORCH_DIR = os.path.dirname(torch.__file__)
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # not site-packages/torchvision/: its frames are named
 # tracer's own code, skipped when looking for the user's line: the installed package (which holds
 # tracer.op_rules, .emitter, .fixes), and in a source checkout the stage folders beside tracer/
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
