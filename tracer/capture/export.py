@@ -16,6 +16,7 @@ op that depends on the inputs has no rule, and then only those ops are decompose
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 import re
@@ -67,7 +68,7 @@ def capture_export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], rea
 def export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
            fx_error: Exception | None = None, dims: Sequence[DynamicAxis] = ()) -> ExportedProgram:
     try:
-        return torch.export.export(model, tuple(inputs), strict=False, dynamic_shapes=export_dims(inputs, dims))
+        return torch.export.export(model, tuple(inputs), strict=False, dynamic_shapes=export_dims(inputs, dims, model))
     except Exception as exc:
         before = f"{fx_failure(model, fx_error)}; " if fx_error is not None else ""
         either = " either" if fx_error is not None else ""
@@ -77,18 +78,39 @@ def export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
                            f"{_first_line(exc)}{_where(exc)}{hint}") from exc
 
 
-def export_dims(inputs: Sequence[Any], dims: Sequence[DynamicAxis]) -> tuple | None:
+def export_dims(inputs: Sequence[Any], dims: Sequence[DynamicAxis], model: torch.nn.Module | None = None) -> tuple | None:
     """torch.export's ``dynamic_shapes`` for ``dims``: ``Dim.AUTO`` on each dynamic axis, so export infers
     the guards (``T // 2 != 1``, axes that must be equal) instead of refusing the model; the range the user
     gave is held by tracer's own runs at other sizes (tracer/dynamic.py), and an axis export specializes
-    shows up there as a size baked into the graph. The batch stays static (handled from recorded shapes)."""
+    shows up there as a size baked into the graph. The batch stays static (handled from recorded shapes).
+
+    torch.export matches the spec to ``model.forward``'s signature: a ``*args`` parameter takes one tuple
+    holding the specs of all the inputs it collects (``forward(self, x, *rest)``: ``(spec0, (spec1, ...))``);
+    a ``**kwargs`` parameter gets nothing, since the inputs are all positional."""
     if not dims:
         return None
     spec: list[dict] = [{} for _ in inputs]
     for d in dims:
         for i, axis in d.places:
             spec[i][axis] = torch.export.Dim.AUTO
-    return tuple(s or None for s in spec)
+    flat = [s or None for s in spec]
+    star = _varargs_position(model) if model is not None else None
+    if star is None or star > len(flat):
+        return tuple(flat)
+    return (*flat[:star], tuple(flat[star:]))
+
+
+def _varargs_position(model: torch.nn.Module) -> int | None:
+    """How many positional parameters ``model.forward`` has before its ``*args`` (None without one)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for k, p in enumerate(params):
+        if p.kind == inspect.Parameter.VAR_POSITIONAL:
+            return sum(1 for q in params[:k] if q.kind in positional)
+    return None
 
 
 def fx_failure(model: torch.nn.Module, exc: Exception) -> str:

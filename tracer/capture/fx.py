@@ -9,6 +9,7 @@ into the same IR (tracer/capture/export.py); both share tracer/capture/recording
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Callable, Sequence
 
 import networkx as nx
@@ -116,6 +117,7 @@ def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     """Trace ``model`` with torch.fx and build the IR graph."""
     gm = trace(model, is_leaf)
     _check_wrapped_functions(gm, model)
+    _expand_varargs(gm, len(inputs))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
         raise CaptureError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs "
@@ -128,6 +130,40 @@ def capture_fx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     return graph
 
 
+def _expand_varargs(gm: fx.GraphModule, n_inputs: int) -> None:
+    """``forward(self, x, *xs)``: torch.fx makes ``*xs`` one placeholder that receives a tuple; it becomes
+    one placeholder per input it collects (``xs_0``, ``xs_1`` ...), ``xs[k]`` that placeholder and any
+    other use of ``xs`` (``torch.cat(xs)``) the tuple of them. A ``**kwargs`` placeholder receives {}
+    (the inputs are all positional) and is replaced by it."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    star = next((n for n in placeholders if str(n.target).startswith("*") and not str(n.target).startswith("**")), None)
+    for kw in [n for n in placeholders if str(n.target).startswith("**")]:
+        _substitute(graph, kw, {})
+    if star is None:
+        return
+    count = n_inputs - (len([n for n in graph.nodes if n.op == "placeholder"]) - 1)
+    base = str(star.target).lstrip("*")
+    parts = []
+    with graph.inserting_before(star):
+        for k in range(max(count, 0)):
+            parts.append(graph.placeholder(f"{base}_{k}"))
+            parts[-1].meta = dict(star.meta)
+    _substitute(graph, star, tuple(parts))
+    graph.lint()
+    gm.recompile()
+
+
+def _substitute(graph: fx.Graph, node: fx.Node, value: object) -> None:
+    """Every use of ``node`` becomes ``value`` (a node, a tuple of nodes or a constant); ``node`` goes.
+    ``node[k]`` and ``node[a:b]`` of a tuple value are resolved (and their uses substituted in turn)."""
+    for user in list(node.users):
+        if (isinstance(value, tuple) and user.op == "call_function" and user.target is operator.getitem
+                and user.args[0] is node and isinstance(user.args[1], (int, slice))):
+            _substitute(graph, user, value[user.args[1]])
+            continue
+        user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a: value if a is node else a)
+    graph.erase_node(node)
 
 
 def _check_wrapped_functions(gm: fx.GraphModule, model: torch.nn.Module) -> None:
