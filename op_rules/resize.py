@@ -18,7 +18,8 @@ from tracer.emitter import layers as L
 from tracer.emitter.context import Emit
 from tracer.op_rules.common import ntuple, param, spatial_layer
 from tracer.op_rules.registry import Layout, rule
-from tracer.ir import OpNode
+from tracer.ir import OpNode, Ref
+from tracer.op_rules.sizes import witness
 
 
 def _factors(node: OpNode, n: int) -> list[float | None]:
@@ -112,6 +113,7 @@ def interpolate(node: OpNode, ctx: Emit) -> Any:
     size_out = tuple(node.shape[2:])
     sizes = list(zip(range(1, n + 1), size_in, size_out, _factors(node, n)))
     if mode in _NEAREST:
+        _static_nearest_or_refuse(node, ctx, x, n)
         index = [_nearest_index(li, o, f, mode == "nearest-exact", n) for _, li, o, f in sizes]
         reps = [o // li if o % li == 0 else 0 for _, li, o, _ in sizes]
         if all(r and np.array_equal(ix, np.arange(len(ix)) // r) for ix, r in zip(index, reps)):
@@ -121,11 +123,86 @@ def interpolate(node: OpNode, ctx: Emit) -> Any:
                 x = L.axis_gather(x, axis, ix.tolist())
         return x
     align = bool(param(node, "align_corners", False)) or isinstance(node.module, nn.UpsamplingBilinear2d)
-    for axis, li, o, f in sizes:
-        if li != o:  # PyTorch copies an axis whose size does not change, whatever the scale factor
+    targets = ntuple(param(node, "size", None), n)
+    for (axis, li, o, f), size in zip(sizes, targets):
+        if x.shape[axis] is None or isinstance(size, Ref):  # follows a dynamic axis: weights computed at runtime
+            x = _runtime_axis(node, ctx, x, axis, size, f, align, mode)
+        elif li != o:  # PyTorch copies an axis whose size does not change, whatever the scale factor
             matrix = (_cubic_matrix if mode == "bicubic" else _linear_matrix)(li, o, f, align)  # (out, in)
             x = L.axis_map(x, axis, np.asarray(matrix).T, ctx.name(node, f"axis{axis}"))
     return x
+
+
+def _dynamic_refusal(ctx: Emit, node: OpNode, axis: int, why: str) -> NotImplementedError:
+    names = sorted({v for axes in ctx.graph.graph.get("dynamic_axes", {}).values() for v in axes.values()})
+    return NotImplementedError(
+        f"{param(node, 'mode', 'nearest')} interpolation of torch axis {axis + 1}, whose size follows a dynamic "
+        f"axis (the model's: {', '.join(names)}), {why}; use an integer scale_factor, or size= (fixed or another "
+        "tensor's shape) in (bi)linear or bicubic mode, or keep that axis static (leave it out of dynamic_shapes "
+        "/ --dynamic-axis)")
+
+
+def _static_nearest_or_refuse(node: OpNode, ctx: Emit, x: Any, n: int) -> None:
+    """Nearest modes follow a dynamic axis only as UpSampling (integer factors, checked by the caller's
+    index test); an index gather would keep the sample's size."""
+    factors, targets = _factors(node, n), ntuple(param(node, "size", None), n)
+    for axis, (f, size) in enumerate(zip(factors, targets), 1):
+        if isinstance(size, Ref) or x.shape[axis] is None and not (f and float(f).is_integer() and f >= 1):
+            raise _dynamic_refusal(ctx, node, axis, "with size= or a non-integer scale factor is not converted")
+
+
+def _runtime_axis(node: OpNode, ctx: Emit, x: Any, axis: int, size: Any, factor: float | None, align: bool,
+                  mode: str) -> Any:
+    """Resize Keras axis ``axis`` of ``x`` with source positions and weights computed from its runtime length
+    (PyTorch's float32 formulas in ATen UpSample.h): the output length is a size witness (``size=`` from
+    another tensor's dynamic shape) or the input's times an integer ``factor``. TFLite: CUMSUM, SUM, FLOOR,
+    MINIMUM/MAXIMUM, CAST, GATHER, MUL, ADD."""
+    w_in = witness(x, axis)
+    if isinstance(size, Ref):
+        w_out = ctx.tensor_input(node, ctx.index_of(node, size))
+    elif isinstance(size, int):  # a fixed output size from a dynamic input
+        w_out = keras.ops.ones((size,), dtype="float32")
+    elif factor is not None and factor.is_integer() and factor >= 1:
+        w_out = keras.ops.tile(w_in, (int(factor),))
+    else:
+        what = param(node, "scale_factor", None)
+        raise _dynamic_refusal(ctx, node, axis, f"by the scale factor {what}, whose output size floor(size * "
+                                                f"{what}) Keras cannot follow, is not converted")
+    li, lo = keras.ops.sum(w_in), keras.ops.sum(w_out)
+    dst = keras.ops.cumsum(w_out) - 1.0
+    cubic = mode == "bicubic"
+    if align:
+        src = dst * keras.ops.where(lo > 1.0, (li - 1.0) / keras.ops.maximum(lo - 1.0, 1.0), 0.0)
+    else:
+        scale = np.float32(1.0 / factor) if factor else li / lo
+        src = (dst + 0.5) * scale - 0.5
+        src = src if cubic else keras.ops.maximum(src, 0.0)
+    last = keras.ops.cast(li, "int32") - 1
+    i0 = keras.ops.minimum(keras.ops.cast(keras.ops.floor(src), "int32"), last)
+    t = src - keras.ops.cast(i0, "float32")
+    if cubic:
+        t = keras.ops.minimum(keras.ops.maximum(t, 0.0), 1.0)
+        taps = list(zip(range(-1, 3), _cubic_weights(t)))
+    else:
+        taps = [(0, 1.0 - t), (1, t)]
+    shape = [1] * len(x.shape)
+    shape[axis] = -1
+    y = None
+    for k, w in taps:
+        part = keras.ops.take(x, keras.ops.minimum(keras.ops.maximum(i0 + k, 0), last), axis=axis) * keras.ops.reshape(w, shape)
+        y = part if y is None else y + part
+    return y
+
+
+def _cubic_weights(t: Any, a: float = -0.75) -> tuple:
+    """Keys' cubic convolution weights of taps ``i-1 .. i+2`` for fractions ``t`` (as _cubic_matrix)."""
+    def near(v):
+        return ((a + 2) * v - (a + 3)) * v * v + 1
+
+    def far(v):
+        return ((a * v - 5 * a) * v + 8 * a) * v - 4 * a
+
+    return far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)
 
 
 @rule(nn.PixelShuffle, F.pixel_shuffle, layout=Layout.CHANNELS_LAST)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.helpers import Functional, Wrap, assert_converts
+from tests.helpers import FP32_TOL, Functional, Wrap, assert_converts
 from tracer.api import convert_model
 from tracer.errors import ConversionError
 
@@ -254,3 +254,70 @@ def test_pad_between_convs_stays_channels_last(mode):
 ], ids=lambda v: repr(v).replace(" ", "") if isinstance(v, nn.Module) else "")
 def test_pad_modules(layer, shape):
     assert_converts(Wrap(layer), sample(*shape))
+
+
+# ---- dynamic spatial axes --------------------------------------------------------------------
+
+class ResizeToInput(nn.Module):
+    """DeepLabV3/LR-ASPP's head: resize a pooled map back to the input's (dynamic) size."""
+
+    def __init__(self, mode: str = "bilinear", align_corners: bool | None = None):
+        super().__init__()
+        self.mode, self.align_corners = mode, align_corners
+
+    def forward(self, x):
+        return F.interpolate(F.avg_pool2d(x, 2), size=x.shape[-2:], mode=self.mode, align_corners=self.align_corners)
+
+
+def convert_dynamic(model: nn.Module, x: torch.Tensor, tflite: tuple = ()):
+    return convert_model(model.eval(), x, dynamic_shapes=({2: "h", 3: "w"},), n_random=1, raise_on_mismatch=False,
+                         tflite=tflite)
+
+
+def assert_dynamic_ok(result, sample_hw: tuple[int, int]) -> None:
+    """Parity held at the sample's size and two others per dynamic axis, one of them odd."""
+    for report in [result.report] + [r.parity for r in result.tflite_reports.values()]:
+        assert report.ok, report.summary()
+        assert all(o.max_rel <= FP32_TOL for t in report.trials for o in t.outputs), report.summary()
+        for name, s in zip("hw", sample_hw):
+            sizes = [int(t.label.split("=")[1]) for t in report.trials if t.label.startswith(name + "=")]
+            assert len(sizes) == 2 and s not in sizes and any(v % 2 for v in sizes), report.summary()
+
+
+@pytest.mark.parametrize("align_corners", [False, True], ids=["noalign", "align"])
+def test_bilinear_scale_factor_dynamic_hw(align_corners):
+    model = Functional(F.interpolate, scale_factor=2.0, mode="bilinear", align_corners=align_corners)
+    result = convert_dynamic(model, sample(1, 3, 5, 6))  # h: 10, 7; w: 12, 9
+    assert tuple(result.keras_model.inputs[0].shape) == (None, 3, None, None)
+    assert_dynamic_ok(result, (5, 6))
+
+
+@pytest.mark.parametrize("mode,align_corners", [("bilinear", None), ("bilinear", True), ("bicubic", False)])
+def test_resize_to_dynamic_input_size(mode, align_corners):
+    result = convert_dynamic(ResizeToInput(mode, align_corners), sample(1, 3, 6, 10))  # h: 12, 9; w: 20, 15
+    assert_dynamic_ok(result, (6, 10))
+
+
+@pytest.mark.parametrize("mode,align_corners", [("bilinear", False), ("bicubic", True)])
+def test_fixed_size_from_dynamic_hw(mode, align_corners):
+    """A fixed output size from dynamic H, W: the scale li / o is computed from the runtime input size."""
+    model = Functional(F.interpolate, size=(7, 4), mode=mode, align_corners=align_corners)
+    result = convert_dynamic(model, sample(1, 3, 5, 6))
+    assert tuple(result.keras_model.outputs[0].shape) == (None, 3, 7, 4)
+    assert_dynamic_ok(result, (5, 6))
+
+
+def test_bilinear_dynamic_hw_litert_fp32():
+    result = convert_dynamic(ResizeToInput(), sample(1, 3, 6, 10, seed=1), tflite=("fp32",))
+    assert_dynamic_ok(result, (6, 10))
+    result = convert_dynamic(Functional(F.interpolate, scale_factor=2, mode="bilinear"), sample(1, 3, 5, 6, seed=2),
+                             tflite=("fp32",))
+    assert_dynamic_ok(result, (5, 6))
+
+
+@pytest.mark.parametrize("model", [Functional(F.interpolate, scale_factor=1.5, mode="bilinear"),
+                                   ResizeToInput("nearest")], ids=["bilinear-x1.5", "nearest-size"])
+def test_dynamic_resize_not_converted_is_refused(model):
+    with pytest.raises(ConversionError, match=r"(?s)interpolate.*\.py:\d+.*torch axis 2, whose size follows a "
+                                              r"dynamic axis \(the model's: h, w\).*integer scale_factor"):
+        convert_dynamic(model, sample(1, 3, 6, 8))
