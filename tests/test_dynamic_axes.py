@@ -205,7 +205,7 @@ def test_parse_dynamic_shapes_checks_the_spec():
     assert dims[0].others() == [16, 12]
     limited = parse_dynamic_shapes(({2: torch.export.Dim("h", min=4, max=12)},), (x,))[0]
     assert (limited.low, limited.high, limited.others()) == (4, 12, [12, 9])
-    for bad, message in [(({0: "b"},), "batch axis"), (({4: "h"},), "not an axis"), (({2: "a b"},), "identifier"),
+    for bad, message in [(({4: "h"},), "not an axis"), (({2: "a b"},), "identifier"),
                          (({2: "s", 3: "s"},), "one size"), ([{2: "h"}, {1: "t"}], "one dict per input")]:
         with pytest.raises(InputError, match=message):
             parse_dynamic_shapes(bad, (x,))
@@ -263,3 +263,34 @@ def test_cli_convert_with_dynamic_axes(tmp_path, capsys):
     bad = main(["convert", f"{path}:Net", "--input-shape", "1,3,16,16", "--dynamic-axis", "0:0", "-o",
                 str(tmp_path / "bad")])
     assert bad == EXIT_INPUT and "batch axis" in capsys.readouterr().err
+
+
+class TimeMajor(nn.Module):
+    """An RNN on (T, B, F) (batch_first=False): its input enters Keras as (B, T, F), so torch axis 0 is time."""
+
+    def __init__(self, cell: type) -> None:
+        super().__init__()
+        self.rnn = cell(8, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("cell,tflite", [(nn.LSTM, ("fp32",)), (nn.GRU, ())])
+def test_time_major_rnn_dynamic_time_on_torch_axis_0(cell, tflite):
+    torch.manual_seed(4)
+    result = _convert(TimeMajor(cell), torch.randn(20, 2, 8), {0: "time"}, tflite=tflite)
+    assert result.input_layouts[0].perm[0] == 1  # Keras (B, T, F): the batch is torch axis 1
+    assert tuple(result.keras_model.inputs[0].shape) == (None, None, 8)
+    _assert_ok_at_sizes(result, ["time"])
+    shapes = [t.input_shapes[0] for t in result.report.trials if t.label.startswith("time=")]
+    others = DynamicAxis("time", ((0, 0),), 20).others()
+    assert shapes == [(t, 2, 8) for t in others] and 20 not in others  # torch axis 0 resized, the batch stays 2
+    assert result.report.trials[0].outputs[0].shape == (20, 2, 4)
+
+
+def test_dynamic_axis_on_a_real_batch_axis_refused():
+    with pytest.raises(InputError, match="axis 0 .'b'. is input 0's batch axis"):
+        _convert(nn.Linear(8, 4), torch.randn(2, 5, 8), {0: "b"})

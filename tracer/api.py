@@ -120,6 +120,7 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
                     model, xs, has_module_rule, method=again, dims=dims), inputs)
         with say.stage("passes"):
             graph = run_passes(graph, channels_last_io, fold_bn)
+        _refuse_dynamic_batch(graph, dims)
         graph.graph.update(dynamic_axes=placeholder_axes(graph, dims), dynamic_dims=dynamic_dims)
         n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
         with say.stage("emission", f"Keras for {n_nodes} operations"):
@@ -153,6 +154,20 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
     result.stage_seconds = {k: round(v, 3) for k, v in say.times.items() if k in _API_STAGES}
     keras_model.tracer_result = result
     return result
+
+
+def _refuse_dynamic_batch(graph: nx.DiGraph, dims: Sequence[Any]) -> None:
+    """A dynamic axis may be torch axis 0 only where that input's batch is elsewhere (a time-major RNN's
+    ``(T, B, F)`` enters Keras as ``(B, T, F)``, tracer/passes/layout.py batch_first_layout); the axis an
+    input's Keras batch comes from is always dynamic and is not named. Checked once the layout is known."""
+    layouts = [n.layout for n in ordered(graph) if n.kind == "placeholder"]
+    for d in dims:
+        for i, axis in d.places:
+            batch = layouts[i].perm[0] if i < len(layouts) and layouts[i] is not None and layouts[i].perm else 0
+            if axis == batch:
+                raise InputError(f"dynamic_shapes[{i}]: axis {axis} ({d.name!r}) is input {i}'s batch axis, which is "
+                                 "always dynamic; name only other axes (torch axis 0 may be named where the batch is "
+                                 "elsewhere, as in a time-major RNN's (T, B, F) input)")
 
 
 def _export_tflite(result: ConversionResult, model: torch.nn.Module, inputs: tuple, kinds: Sequence[str], *,

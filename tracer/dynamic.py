@@ -81,8 +81,6 @@ def _add_axis(found: dict, i: int, axis: Any, dim: Any, x: torch.Tensor) -> dict
     if not isinstance(axis, int) or not -rank <= axis < rank:
         raise InputError(f"dynamic_shapes[{i}]: axis {axis!r} is not an axis of input {i} (shape {tuple(x.shape)})")
     axis %= rank
-    if axis == 0:
-        raise InputError(f"dynamic_shapes[{i}]: axis 0 is the batch axis, which is always dynamic; name other axes")
     name, low, high = _dim_parts(dim, i, axis)
     size = int(x.shape[axis])
     if not low <= size <= (high if high is not None else size):
