@@ -112,20 +112,13 @@ def interpolate(node: OpNode, ctx: Emit) -> Any:
     size_in = tuple(ctx.graph.nodes[node.inputs[0]]["op"].shape[2:])
     size_out = tuple(node.shape[2:])
     sizes = list(zip(range(1, n + 1), size_in, size_out, _factors(node, n)))
-    if mode in _NEAREST:
-        _static_nearest_or_refuse(node, ctx, x, n)
-        index = [_nearest_index(li, o, f, mode == "nearest-exact", n) for _, li, o, f in sizes]
-        reps = [o // li if o % li == 0 else 0 for _, li, o, _ in sizes]
-        if all(r and np.array_equal(ix, np.arange(len(ix)) // r) for ix, r in zip(index, reps)):
-            return spatial_layer("UpSampling", n)(tuple(reps) if n > 1 else reps[0], name=ctx.name(node))(x)
-        for (axis, li, o, _), ix in zip(sizes, index):
-            if li != o or not np.array_equal(ix, np.arange(o)):
-                x = L.axis_gather(x, axis, ix.tolist())
-        return x
-    align = bool(param(node, "align_corners", False)) or isinstance(node.module, nn.UpsamplingBilinear2d)
     targets = ntuple(param(node, "size", None), n)
-    for (axis, li, o, f), size in zip(sizes, targets):
-        if x.shape[axis] is None or isinstance(size, Ref):  # follows a dynamic axis: weights computed at runtime
+    dynamic = [x.shape[axis] is None or isinstance(size, Ref) for (axis, *_), size in zip(sizes, targets)]
+    if mode in _NEAREST:
+        return _nearest(node, ctx, x, sizes, targets, dynamic, mode == "nearest-exact")
+    align = bool(param(node, "align_corners", False)) or isinstance(node.module, nn.UpsamplingBilinear2d)
+    for (axis, li, o, f), size, dyn in zip(sizes, targets, dynamic):
+        if dyn:  # follows a dynamic axis: positions and weights computed from the runtime size
             x = _runtime_axis(node, ctx, x, axis, size, f, align, mode)
         elif li != o:  # PyTorch copies an axis whose size does not change, whatever the scale factor
             matrix = (_cubic_matrix if mode == "bicubic" else _linear_matrix)(li, o, f, align)  # (out, in)
@@ -138,36 +131,65 @@ def _dynamic_refusal(ctx: Emit, node: OpNode, axis: int, why: str) -> NotImpleme
     return NotImplementedError(
         f"{param(node, 'mode', 'nearest')} interpolation of torch axis {axis + 1}, whose size follows a dynamic "
         f"axis (the model's: {', '.join(names)}), {why}; use an integer scale_factor, or size= (fixed or another "
-        "tensor's shape) in (bi)linear or bicubic mode, or keep that axis static (leave it out of dynamic_shapes "
+        "tensor's shape), or keep that axis static (leave it out of dynamic_shapes "
         "/ --dynamic-axis)")
 
 
-def _static_nearest_or_refuse(node: OpNode, ctx: Emit, x: Any, n: int) -> None:
-    """Nearest modes follow a dynamic axis only as UpSampling (integer factors, checked by the caller's
-    index test); an index gather would keep the sample's size."""
-    factors, targets = _factors(node, n), ntuple(param(node, "size", None), n)
-    for axis, (f, size) in enumerate(zip(factors, targets), 1):
-        if isinstance(size, Ref) or x.shape[axis] is None and not (f and float(f).is_integer() and f >= 1):
-            raise _dynamic_refusal(ctx, node, axis, "with size= or a non-integer scale factor is not converted")
+def _nearest(node: OpNode, ctx: Emit, x: Any, sizes: list, targets: tuple, dynamic: list, exact: bool) -> Any:
+    """An index gather per axis, or UpSampling where each source row repeats (at any size when the axis
+    follows a dynamic one only through an integer scale factor)."""
+    n = len(sizes)
+    index = [_nearest_index(li, o, f, exact, n) for _, li, o, f in sizes]
+    reps = [o // li if o % li == 0 else 0 for _, li, o, _ in sizes]
+    by_factor = all(not d or size is None for d, size in zip(dynamic, targets))
+    if by_factor and all(r and np.array_equal(ix, np.arange(len(ix)) // r) for ix, r in zip(index, reps)):
+        return spatial_layer("UpSampling", n)(tuple(reps) if n > 1 else reps[0], name=ctx.name(node))(x)
+    for (axis, li, o, f), ix, size, dyn in zip(sizes, index, targets, dynamic):
+        if dyn:
+            x = _runtime_nearest(node, ctx, x, axis, size, f, exact)
+        elif li != o or not np.array_equal(ix, np.arange(o)):
+            x = L.axis_gather(x, axis, ix.tolist())
+    return x
+
+
+def _runtime_nearest(node: OpNode, ctx: Emit, x: Any, axis: int, size: Any, factor: float | None,
+                     exact: bool) -> Any:
+    """Nearest source indices from the runtime sizes, in float32 as _nearest_index: ``floor(d * scale)``, or
+    ``floor((d + 0.5) * scale)`` for nearest-exact on 2-D maps (a float32 product is the float rounding of
+    ATen's exact double product). The 1-D/3-D nearest-exact kernel rounds a fused multiply-add, refused."""
+    if exact and len(x.shape) != 4:
+        raise _dynamic_refusal(ctx, node, axis, f"in {len(x.shape) - 2}-D nearest-exact mode is not converted")
+    w_in = witness(x, axis)
+    w_out = _out_witness(node, ctx, w_in, axis, size)
+    li = keras.ops.sum(w_in)
+    scale = np.float32(1.0 / factor) if factor else li / keras.ops.sum(w_out)
+    src = (keras.ops.cumsum(w_out) - (0.5 if exact else 1.0)) * scale
+    index = keras.ops.minimum(keras.ops.cast(keras.ops.floor(src), "int32"), keras.ops.cast(li, "int32") - 1)
+    return keras.ops.take(x, index, axis=axis)
+
+
+def _out_witness(node: OpNode, ctx: Emit, w_in: Any, axis: int, size: Any) -> Any:
+    """Ones as long as the output axis: ``size=`` from another tensor's dynamic shape (its witness), a fixed
+    size, or the input's length times an integer scale factor."""
+    if isinstance(size, Ref):
+        return ctx.tensor_input(node, ctx.index_of(node, size))
+    if isinstance(size, int):
+        return keras.ops.ones((size,), dtype="float32")
+    f = float(ntuple(param(node, "scale_factor"), node.rank - 2)[axis - 1])  # also under recompute_scale_factor
+    if f.is_integer() and f >= 1:
+        return keras.ops.tile(w_in, (int(f),))
+    raise _dynamic_refusal(ctx, node, axis, f"by the scale factor {f:g}, whose output size floor(size * {f:g}) "
+                                            "Keras cannot follow, is not converted")
 
 
 def _runtime_axis(node: OpNode, ctx: Emit, x: Any, axis: int, size: Any, factor: float | None, align: bool,
                   mode: str) -> Any:
     """Resize Keras axis ``axis`` of ``x`` with source positions and weights computed from its runtime length
     (PyTorch's float32 formulas in ATen UpSample.h): the output length is a size witness (``size=`` from
-    another tensor's dynamic shape) or the input's times an integer ``factor``. TFLite: CUMSUM, SUM, FLOOR,
+    another tensor's dynamic shape, a fixed size) or the input's times an integer ``factor``. TFLite: CUMSUM, SUM, FLOOR,
     MINIMUM/MAXIMUM, CAST, GATHER, MUL, ADD."""
     w_in = witness(x, axis)
-    if isinstance(size, Ref):
-        w_out = ctx.tensor_input(node, ctx.index_of(node, size))
-    elif isinstance(size, int):  # a fixed output size from a dynamic input
-        w_out = keras.ops.ones((size,), dtype="float32")
-    elif factor is not None and factor.is_integer() and factor >= 1:
-        w_out = keras.ops.tile(w_in, (int(factor),))
-    else:
-        what = param(node, "scale_factor", None)
-        raise _dynamic_refusal(ctx, node, axis, f"by the scale factor {what}, whose output size floor(size * "
-                                                f"{what}) Keras cannot follow, is not converted")
+    w_out = _out_witness(node, ctx, w_in, axis, size)
     li, lo = keras.ops.sum(w_in), keras.ops.sum(w_out)
     dst = keras.ops.cumsum(w_out) - 1.0
     cubic = mode == "bicubic"
@@ -189,7 +211,8 @@ def _runtime_axis(node: OpNode, ctx: Emit, x: Any, axis: int, size: Any, factor:
     shape[axis] = -1
     y = None
     for k, w in taps:
-        part = keras.ops.take(x, keras.ops.minimum(keras.ops.maximum(i0 + k, 0), last), axis=axis) * keras.ops.reshape(w, shape)
+        at = keras.ops.minimum(keras.ops.maximum(i0 + k, 0), last)
+        part = keras.ops.take(x, at, axis=axis) * keras.ops.reshape(w, shape)
         y = part if y is None else y + part
     return y
 

@@ -284,21 +284,24 @@ def assert_dynamic_ok(result, sample_hw: tuple[int, int]) -> None:
             assert len(sizes) == 2 and s not in sizes and any(v % 2 for v in sizes), report.summary()
 
 
-@pytest.mark.parametrize("align_corners", [False, True], ids=["noalign", "align"])
-def test_bilinear_scale_factor_dynamic_hw(align_corners):
-    model = Functional(F.interpolate, scale_factor=2.0, mode="bilinear", align_corners=align_corners)
+@pytest.mark.parametrize("case", [dict(mode="bilinear", align_corners=False), dict(mode="bilinear", align_corners=True),
+                                  dict(mode="bilinear", recompute_scale_factor=True), dict(mode="bicubic"),
+                                  dict(mode="nearest-exact")], ids=ids)
+def test_scale_factor_2_dynamic_hw(case):
+    model = Functional(F.interpolate, scale_factor=2.0, **case)
     result = convert_dynamic(model, sample(1, 3, 5, 6))  # h: 10, 7; w: 12, 9
     assert tuple(result.keras_model.inputs[0].shape) == (None, 3, None, None)
     assert_dynamic_ok(result, (5, 6))
 
 
-@pytest.mark.parametrize("mode,align_corners", [("bilinear", None), ("bilinear", True), ("bicubic", False)])
+@pytest.mark.parametrize("mode,align_corners", [("bilinear", None), ("bilinear", True), ("bicubic", False),
+                                                ("nearest", None), ("nearest-exact", None)])
 def test_resize_to_dynamic_input_size(mode, align_corners):
     result = convert_dynamic(ResizeToInput(mode, align_corners), sample(1, 3, 6, 10))  # h: 12, 9; w: 20, 15
     assert_dynamic_ok(result, (6, 10))
 
 
-@pytest.mark.parametrize("mode,align_corners", [("bilinear", False), ("bicubic", True)])
+@pytest.mark.parametrize("mode,align_corners", [("bilinear", False), ("bicubic", True), ("nearest", None)])
 def test_fixed_size_from_dynamic_hw(mode, align_corners):
     """A fixed output size from dynamic H, W: the scale li / o is computed from the runtime input size."""
     model = Functional(F.interpolate, size=(7, 4), mode=mode, align_corners=align_corners)
@@ -316,8 +319,12 @@ def test_bilinear_dynamic_hw_litert_fp32():
 
 
 @pytest.mark.parametrize("model", [Functional(F.interpolate, scale_factor=1.5, mode="bilinear"),
-                                   ResizeToInput("nearest")], ids=["bilinear-x1.5", "nearest-size"])
+                                   Functional(F.interpolate, scale_factor=(2, 1.5)),
+                                   Functional(F.interpolate, size=7, mode="nearest-exact")],
+                         ids=["bilinear-x1.5", "nearest-x1.5", "nearest-exact-1d"])
 def test_dynamic_resize_not_converted_is_refused(model):
-    with pytest.raises(ConversionError, match=r"(?s)interpolate.*\.py:\d+.*torch axis 2, whose size follows a "
-                                              r"dynamic axis \(the model's: h, w\).*integer scale_factor"):
-        convert_dynamic(model, sample(1, 3, 6, 8))
+    """Refused naming the op, the line, the axis and what to do, never with the sample's size."""
+    x = sample(1, 3, 6) if model.kw.get("mode") == "nearest-exact" else sample(1, 3, 6, 8)
+    with pytest.raises(ConversionError, match=r"(?s)interpolate.*\.py:\d+.*torch axis \d, whose size follows a "
+                                              r"dynamic axis \(the model's: .*\).*integer scale_factor"):
+        convert_model(model.eval(), x, dynamic_shapes=({2: "h"} if x.dim() == 3 else {2: "h", 3: "w"},), n_random=1)
