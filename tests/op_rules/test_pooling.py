@@ -1,16 +1,19 @@
 """Parity sweeps for op_rules/pooling.py: max/avg pooling (padding, ceil_mode, count_include_pad,
 divisor_override) and adaptive pooling to sizes that do not divide the input.
 
-Inputs have odd sizes (11 x 13, 17) so that ceil_mode changes the output size.
+Inputs have odd sizes (11 x 13, 17) so that ceil_mode changes the output size. Over dynamic axes the same
+Keras model must match PyTorch at odd and even sizes alike.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.helpers import Functional, Wrap, assert_converts
+from tests.helpers import FP32_TOL, Functional, Wrap, assert_converts
+from tracer import convert_model
 from tracer.errors import ConversionError
 
 SIZES = {1: (17,), 2: (11, 13), 3: (5, 7, 6)}
@@ -209,3 +212,70 @@ def test_adaptive_max_pool_return_indices_raises():
 
     with pytest.raises(ConversionError, match="return_indices"):
         assert_converts(Indices(), sample(2))
+
+
+# ---- dynamic spatial axes: one model for every size, odd ones included -------------------------
+
+def assert_dynamic_pool(model: nn.Module, shape: tuple, axes: dict, sizes: list[tuple]) -> None:
+    """Convert at ``shape`` with ``axes`` dynamic; the tester's own sizes (2x and an odd 1.5x + 1) must pass,
+    and the same Keras model must match PyTorch at each of ``sizes`` (spatial sizes, odd and even)."""
+    model.eval()
+    result = convert_model(model, sample(len(shape), shape), dynamic_shapes=(axes,), n_random=1,
+                           raise_on_mismatch=False)
+    assert result.report.ok, result.report.summary()
+    assert any(int(t.label.split("=")[1]) % 2 for t in result.report.trials if "=" in t.label)
+    for seed, size in enumerate(sizes, 1):
+        x = sample(len(size), size, seed=seed)
+        want = model(x).detach().numpy()
+        got = np.asarray(result.keras_model(x.numpy()))
+        assert got.shape == want.shape, (size, got.shape, want.shape)
+        assert np.abs(got - want).max() <= FP32_TOL * max(1.0, float(np.abs(want).max())), size
+
+
+HW = {2: "h", 3: "w"}
+ODD_HW = [(65, 63), (64, 65), (31, 33), (7, 8), (5, 5)]
+
+
+@pytest.mark.parametrize("layer", [
+    nn.MaxPool2d(3, 2, 1),
+    nn.AvgPool2d(3, 2, 1),
+    nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+    nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+    nn.MaxPool2d(2, 2, 1, ceil_mode=True),  # PyTorch drops the last window at some sizes only
+    nn.AvgPool2d(3, 2, 1, ceil_mode=True),
+    nn.AvgPool2d(2, 2, 1, ceil_mode=True, count_include_pad=False),
+    nn.AvgPool2d((3, 2), (2, 3), (1, 0), ceil_mode=True),
+    nn.AvgPool2d(3, 2, 1, divisor_override=4),
+    nn.MaxPool2d(3, 2, 1, dilation=2),
+    nn.MaxPool2d(2, 3, 1, dilation=2, ceil_mode=True),
+], ids=repr)
+def test_pool2d_dynamic_hw_exact_at_odd_sizes(layer):
+    assert_dynamic_pool(Wrap(layer), (16, 16), HW, ODD_HW)
+
+
+@pytest.mark.parametrize("layer", [nn.MaxPool1d(3, 2, 1), nn.MaxPool1d(2, 2, 1, ceil_mode=True),
+                                   nn.AvgPool1d(3, 2, 1, count_include_pad=False),
+                                   nn.AvgPool1d(3, 2, 1, ceil_mode=True)], ids=repr)
+def test_pool1d_dynamic_length_exact_at_odd_sizes(layer):
+    assert_dynamic_pool(Wrap(layer), (16,), {2: "t"}, [(33,), (34,), (9,), (4,)])
+
+
+@pytest.mark.parametrize("layer", [nn.MaxPool3d(3, 2, 1, ceil_mode=True),
+                                   nn.AvgPool3d(3, 2, 1, count_include_pad=False)], ids=repr)
+def test_pool3d_dynamic_exact_at_odd_sizes(layer):
+    assert_dynamic_pool(Wrap(layer), (6, 8, 8), {2: "d", 3: "h", 4: "w"}, [(7, 9, 8), (5, 6, 11)])
+
+
+def result_ok(result) -> bool:
+    return bool(result.report.ok) and any("=" in t.label for t in result.report.trials)
+
+
+def test_avg_pool_excluding_padding_counts_at_runtime_on_a_dynamic_axis():
+    """The divisor is average pooling of ones shaped like the input, not a constant of the sample's shape;
+    without dynamic axes it stays a constant (one multiply by a Dense-held constant)."""
+    m = Wrap(nn.AvgPool2d(3, 2, 1, count_include_pad=False)).eval()
+    dynamic = convert_model(m, sample(2, (16, 16)), dynamic_shapes=(HW,), n_random=1, raise_on_mismatch=False)
+    static = assert_converts(m, sample(2, (16, 16)))
+    assert result_ok(dynamic) and layer_names(dynamic).count("AveragePooling2D") == 2
+    assert "Dense" not in layer_names(dynamic)
+    assert layer_names(static).count("AveragePooling2D") == 1 and "Dense" in layer_names(static)
