@@ -3,7 +3,9 @@ PixelShuffle/PixelUnshuffle, F.pad and the padding modules.
 
 Interpolation is reproduced with PyTorch's own source-index formulas: nearest as an index
 gather (or UpSampling where each source row repeats), (bi)linear and bicubic as one interpolation
-matrix per axis.
+matrix per axis. An axis whose size follows a dynamic axis (tracer/dynamic.py) gets its indices and
+weights computed at runtime from size witnesses (op_rules/sizes.py) instead: integer scale factors,
+fixed sizes and ``size=`` from another tensor's shape; other factors are refused naming the axis.
 """
 from __future__ import annotations
 
@@ -131,8 +133,7 @@ def _dynamic_refusal(ctx: Emit, node: OpNode, axis: int, why: str) -> NotImpleme
     return NotImplementedError(
         f"{param(node, 'mode', 'nearest')} interpolation of torch axis {axis + 1}, whose size follows a dynamic "
         f"axis (the model's: {', '.join(names)}), {why}; use an integer scale_factor, or size= (fixed or another "
-        "tensor's shape), or keep that axis static (leave it out of dynamic_shapes "
-        "/ --dynamic-axis)")
+        "tensor's shape), or keep that axis static (leave it out of dynamic_shapes / --dynamic-axis)")
 
 
 def _nearest(node: OpNode, ctx: Emit, x: Any, sizes: list, targets: tuple, dynamic: list, exact: bool) -> Any:
@@ -184,10 +185,10 @@ def _out_witness(node: OpNode, ctx: Emit, w_in: Any, axis: int, size: Any) -> An
 
 def _runtime_axis(node: OpNode, ctx: Emit, x: Any, axis: int, size: Any, factor: float | None, align: bool,
                   mode: str) -> Any:
-    """Resize Keras axis ``axis`` of ``x`` with source positions and weights computed from its runtime length
-    (PyTorch's float32 formulas in ATen UpSample.h): the output length is a size witness (``size=`` from
-    another tensor's dynamic shape, a fixed size) or the input's times an integer ``factor``. TFLite: CUMSUM, SUM, FLOOR,
-    MINIMUM/MAXIMUM, CAST, GATHER, MUL, ADD."""
+    """(Bi/tri)linear or bicubic resizing of Keras axis ``axis`` of ``x`` with source positions and weights
+    computed from the runtime lengths by PyTorch's formulas (ATen UpSample.h, in float32), the output length
+    from :func:`_out_witness`; one gather per tap. TFLite: CUMSUM, SUM, FLOOR, MINIMUM/MAXIMUM, CAST,
+    SELECT, GATHER, MUL, ADD (builtins)."""
     w_in = witness(x, axis)
     w_out = _out_witness(node, ctx, w_in, axis, size)
     li, lo = keras.ops.sum(w_in), keras.ops.sum(w_out)
