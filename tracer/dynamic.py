@@ -46,13 +46,18 @@ class DynamicAxis:
     high: int | None = None
 
     def others(self) -> list[int]:
-        """Two sizes besides the sample's, within [low, high]: 2x, 1.5x, then smaller ones."""
+        """Two sizes besides the sample's, within [low, high]: 2x, then 1.5x rounded up to an odd size, so that
+        one of them is odd (strided windows and padding that depend on the size's parity show up only there);
+        then sizes nearer the sample's where the range is narrow, still one odd if the range holds one."""
         s = self.size
-        out: list[int] = []
-        for c in (2 * s, s + max(1, s // 2), s + 1, s // 2, s - 1):
-            if c >= max(1, self.low) and (self.high is None or c <= self.high) and c != s and c not in out:
-                out.append(c)
-        return out[:2]
+        mid = s + max(1, s // 2)
+        found: list[int] = []
+        for c in (2 * s, mid | 1, (mid - 1) | 1, mid, s + 1, s - 1, s // 2, (s // 2) | 1, s + 2, s - 2):
+            if c >= max(1, self.low) and (self.high is None or c <= self.high) and c != s and c not in found:
+                found.append(c)
+        if len(found) < 2 or found[0] % 2:
+            return found[:2]
+        return [found[0], next((c for c in found[1:] if c % 2), found[1])]
 
 
 def parse_dynamic_shapes(dynamic_shapes: Any, inputs: Sequence[torch.Tensor]) -> list[DynamicAxis]:
