@@ -36,13 +36,16 @@ def _spatial_in(ctx: Emit, node: OpNode) -> tuple[int, ...]:
 
 
 def _dynamic(ctx: Emit, node: OpNode) -> bool:
-    """Whether a spatial size of the pooling's input or result follows a dynamic axis."""
+    """Whether a spatial size of the pooling's input or result follows a dynamic axis (also when the model
+    has dynamic axes but neither node was seen by that check, e.g. one a pass added)."""
     dims = ctx.graph.graph.get("dynamic_dims", {})
+    if ctx.graph.graph.get("dynamic_axes") and node.name not in dims and node.inputs[0] not in dims:
+        return True
     axes = set(dims.get(node.name, ())) | set(dims.get(node.inputs[0], ()))
     return any(a >= 2 for a in axes)
 
 
-def _pads(k: tuple, s: tuple, p: tuple, reach: tuple, ceil_mode: bool) -> list[tuple[int, int]]:
+def _pads(s: tuple, p: tuple, reach: tuple, ceil_mode: bool) -> list[tuple[int, int]]:
     """(left, right) padding after which VALID pooling gives PyTorch's windows at every input size.
 
     Floor mode: (p, p). Ceil mode: PyTorch's last window start is ceil((L + 2p - r) / s) * s in the padded
@@ -60,7 +63,7 @@ def max_pool(node: OpNode, ctx: Emit) -> Any:
     if param(node, "return_indices", False):
         raise NotImplementedError("max pooling with return_indices=True is not supported")
     reach = tuple((ki - 1) * di + 1 for ki, di in zip(k, d))  # the dilated window's extent
-    pads = _pads(k, s, p, reach, bool(param(node, "ceil_mode", False)))
+    pads = _pads(s, p, reach, bool(param(node, "ceil_mode", False)))
     if any(di != 1 for di, ki in zip(d, k) if ki > 1):  # taps may skip the border: -inf padding
         x = pad_spatial(ctx.input(node, 0), pads, "constant", ctx.name(node, "pad"), value=-np.inf)
         return _dilated_max(x, k, s, d, reach)
@@ -101,7 +104,7 @@ def avg_pool(node: OpNode, ctx: Emit) -> Any:
     n = node.rank - 2
     k, s, p = _window(node, n)
     ceil_mode = bool(param(node, "ceil_mode", False))
-    pads = _pads(k, s, p, k, ceil_mode)
+    pads = _pads(s, p, k, ceil_mode)
     x_in = ctx.input(node, 0)
     x = pad_spatial(x_in, pads, "zeros", ctx.name(node, "pad"))
     pool = spatial_layer("AveragePooling", n)
