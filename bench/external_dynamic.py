@@ -224,9 +224,9 @@ def convert_one(name: str, tflite: bool = True, odd: bool = True) -> Row:
 
 
 def odd_sizes(shapes: list[tuple], dims: list) -> list[tuple[str, list[tuple]]]:
-    """(label, input shapes) at one odd size per dynamic name besides the converter's own (2x and 1.5x of
-    the sample's, both even for an even sample): strided windows and padding that depend on the size's
-    parity show up only there. [] where the range holds no such size."""
+    """(label, input shapes) at one more odd size per dynamic name besides the converter's own (2x, and 1.5x
+    rounded up to odd): the sample + 1, the nearest size to the sample whose parity differs, where strided
+    windows and padding that depend on the size's parity show up. [] where the range holds no such size."""
     from tracer.dynamic import resized_shapes
     out = []
     for d in dims:
