@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.external import MODELS as EXTERNAL  # noqa: E402
 from bench.external import _tokens, hf, rnn  # noqa: E402
 from bench.zoo import RESULT_TAG, _first_line, _fmt, perturb  # noqa: E402
+from bench.zoo import child_row as zoo_child_row  # noqa: E402
 
 TOL = 1e-5  # fp32: max abs <= 1e-5 x max(1, max|y|)
 
@@ -284,22 +284,9 @@ def _litert(row: Row, model: Any, result: Any, x: list, sizes: list) -> None:
 
 
 def child_row(name: str, timeout: float, tflite: bool, odd: bool = True) -> Row:
-    """Convert one model in a subprocess; a timeout or a crash becomes that model's row."""
+    """Convert one model in a subprocess (bench/zoo.py's runner); a timeout or a crash becomes its row."""
     family, _, _, expect = MODELS[name]
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([name, tflite, odd])]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
-    row = Row(name, family, expect)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        row.status, row.seconds, row.reason = "timeout", timeout, f"over {timeout:.0f} s"
-        return row
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return Row(**json.loads(line[len(RESULT_TAG):]))
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    row.reason = f"child exited {proc.returncode}: {tail[:300]}"
-    return row
+    return zoo_child_row(os.path.abspath(__file__), [name, tflite, odd], timeout, Row(name, family, expect))
 
 
 def _errors(errors: dict[str, float], sizes: list[str]) -> str:

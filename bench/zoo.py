@@ -206,7 +206,7 @@ def child_row(script: str, payload: list, timeout: float, row: Row) -> Row:
         return row
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            return Row(**json.loads(line[len(RESULT_TAG):]))
+            return type(row)(**json.loads(line[len(RESULT_TAG):]))  # zoo's Row or another bench's
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     row.status, row.reason = "error", f"child exited {proc.returncode}: {tail[:300]}"
     return row

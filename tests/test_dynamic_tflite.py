@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from examples import crnn_kws
 from tests.helpers import FP32_TOL, randomize_bn
-from tests.test_dynamic_axes import ResNetStyle, RNNStack
+from tests.test_dynamic_axes import CLI_MODEL, ResNetStyle, RNNStack
 from tracer import convert_model
 from tracer.emitter.tflite import op_counts, with_export_fixes
 from tracer.fixes.tflite_rnn_while import rnn_while_loop_int8
@@ -111,22 +111,6 @@ def test_random_int8_calibration_over_dynamic_axes_uses_the_sample_size():
                                tflite=("int8",), random_calibration=True)
     assert _signature(result.tflite["int8"]) == [-1, 3, -1, 12]
     assert list(result.tflite_reports["int8"].errors_by_size()) == ["sample", "h=24", "h=19"]
-
-
-CLI_MODEL = '''
-import torch
-import torch.nn as nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-'''
 
 
 def test_cli_verify_checks_each_size_of_the_dynamic_axes(tmp_path, capsys):

@@ -12,24 +12,12 @@ import torch
 import torch.nn as nn
 
 import tracer.verify.gradcheck as gradcheck
+from tests.op_rules.test_recurrent import Head  # the last time step of a batch-first RNN through a Linear
 from tracer import convert_model
 from tracer.verify.gradcheck import check_gradients, map_parameters, restore_torch_weights
 from tracer.verify.gradcheck_params import ParamMap
 
 F_IN, HID, STEPS, BATCH = 5, 4, 6, 2
-
-
-class Head(nn.Module):
-    """The last time step of a batch-first RNN through a Linear."""
-
-    def __init__(self, rnn: nn.Module):
-        super().__init__()
-        self.rnn = rnn
-        self.fc = nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
-
-    def forward(self, x):
-        out, _ = self.rnn(x)
-        return self.fc(out[:, -1])
 
 
 def _rnn(kind: str, layers: int, bidir: bool) -> nn.Module:
