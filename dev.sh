@@ -8,21 +8,44 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
+# pip over a flaky network: a new pip resumes a broken download (--resume-retries); the whole install is
+# retried too, after a pause, so one dropped connection to PyPI does not fail a fresh setup
+pip_install() {
+  local py=$1; shift
+  local extra=()
+  local help
+  help=$("$py" -m pip install --help 2>/dev/null || true)
+  if [[ $help == *--resume-retries* ]]; then
+    extra=(--resume-retries 20)
+  fi
+  local attempt
+  for attempt in 1 2 3 4; do
+    if "$py" -m pip install -q --timeout 60 "${extra[@]}" "$@"; then
+      return 0
+    fi
+    [ "$attempt" = 4 ] && break
+    echo "[setup] pip install $* failed (attempt $attempt of 4); retrying in $((attempt * 15)) s" >&2
+    sleep $((attempt * 15))
+  done
+  echo "[setup] pip install $* failed 4 times: check the connection to the package index" >&2
+  return 1
+}
+
 setup() {
   if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv with $PY" >&2
     "$PY" -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pip
+    pip_install .venv/bin/python --upgrade pip
   fi
   # torch first, pinned to the CPU build: anything that depends on torch would otherwise pull a CUDA build
   if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     echo "[setup] installing torch (CPU)" >&2
-    .venv/bin/python -m pip install -q "torch==2.13.0"
+    pip_install .venv/bin/python "torch==2.13.0"
   fi
   local stamp=.venv/.tracer-installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "[setup] installing tracer and its dependencies (tensorflow, keras, onnx, ai-edge-litert)" >&2
-    .venv/bin/python -m pip install -q -e ".[test]"
+    pip_install .venv/bin/python -e ".[test]"
     touch "$stamp"
   fi
 }
@@ -47,13 +70,14 @@ setup_zoo() {
   if [ ! -x .venv-zoo/bin/python ]; then
     echo "[zoo] creating .venv-zoo with $PY" >&2
     "$PY" -m venv .venv-zoo
+    pip_install .venv-zoo/bin/python --upgrade pip
   fi
   local stamp=.venv-zoo/.tracer-installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "[zoo] installing torch 2.14.1, torchvision 0.29.1, timm, transformers and tracer into .venv-zoo (several GB)" >&2
-    .venv-zoo/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+    pip_install .venv-zoo/bin/python "torch==2.14.1" "torchvision==0.29.1"
     # transformers 5.25 needs a package PyPI's mirror here lacks; 5.24.0 installs
-    .venv-zoo/bin/python -m pip install -q timm "transformers==5.24.0" pytest pytest-xdist scikit-learn -e .
+    pip_install .venv-zoo/bin/python timm "transformers==5.24.0" pytest pytest-xdist scikit-learn -e .
     touch "$stamp"
   fi
 }
