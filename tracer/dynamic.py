@@ -37,32 +37,45 @@ _ADAPTIVE = {torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.Ad
 
 @dataclass(frozen=True)
 class DynamicAxis:
-    """One named dynamic size: where it sits (input, torch axis) and the range it may take."""
+    """One named dynamic size: where it sits (input, torch axis), the range it may take and the number its
+    size is always a multiple of (a window or a total stride; 1 for any size)."""
 
     name: str
     places: tuple[tuple[int, int], ...]  # (input index, torch axis)
     size: int  # the sample's size
     low: int = 1
     high: int | None = None
+    multiple: int = 1
 
     def others(self) -> list[int]:
         """Two sizes besides the sample's, within [low, high]: 2x, then 1.5x rounded up to an odd size, so that
         one of them is odd (strided windows and padding that depend on the size's parity show up only there);
-        then sizes nearer the sample's where the range is narrow, still one odd if the range holds one."""
-        s = self.size
-        mid = s + max(1, s // 2)
-        found: list[int] = []
-        for c in (2 * s, mid | 1, (mid - 1) | 1, mid, s + 1, s - 1, s // 2, (s // 2) | 1, s + 2, s - 2):
-            if c >= max(1, self.low) and (self.high is None or c <= self.high) and c != s and c not in found:
-                found.append(c)
-        if len(found) < 2 or found[0] % 2:
-            return found[:2]
-        return [found[0], next((c for c in found[1:] if c % 2), found[1])]
+        then sizes nearer the sample's where the range is narrow, still one odd if the range holds one.
+        With a ``multiple`` the same is done on the number of multiples (sizes stay multiples of it, and the
+        second one is an odd number of windows)."""
+        m = self.multiple
+        high = None if self.high is None else self.high // m
+        return [q * m for q in _other_sizes(self.size // m, -(-max(1, self.low) // m), high)]
+
+
+def _other_sizes(s: int, low: int, high: int | None) -> list[int]:
+    """:meth:`DynamicAxis.others` for a size ``s`` that may take any value in [low, high]."""
+    mid = s + max(1, s // 2)
+    found: list[int] = []
+    for c in (2 * s, mid | 1, (mid - 1) | 1, mid, s + 1, s - 1, s // 2, (s // 2) | 1, s + 2, s - 2):
+        if c >= max(1, low) and (high is None or c <= high) and c != s and c not in found:
+            found.append(c)
+    if len(found) < 2 or found[0] % 2:
+        return found[:2]
+    return [found[0], next((c for c in found[1:] if c % 2), found[1])]
 
 
 def parse_dynamic_shapes(dynamic_shapes: Any, inputs: Sequence[torch.Tensor]) -> list[DynamicAxis]:
     """The user's ``dynamic_shapes`` (one dict per input: torch axis -> name or ``torch.export.Dim``)
-    checked against the sample; [] for None."""
+    checked against the sample; [] for None. An axis whose size is always a multiple of a number (windowed
+    attention, a CNN with a total stride of 32) is ``"name*N"`` or a derived Dim ``Dim("hb", max=32) * N``
+    (named ``N*hb`` as torch names it, range [max(1, min) * N, max * N]): the sample's size must be a multiple
+    of N, and the other sizes tried are too."""
     if dynamic_shapes is None:
         return []
     if isinstance(dynamic_shapes, dict):
@@ -86,8 +99,12 @@ def _add_axis(found: dict, i: int, axis: Any, dim: Any, x: torch.Tensor) -> dict
     if not isinstance(axis, int) or not -rank <= axis < rank:
         raise InputError(f"dynamic_shapes[{i}]: axis {axis!r} is not an axis of input {i} (shape {tuple(x.shape)})")
     axis %= rank
-    name, low, high = _dim_parts(dim, i, axis)
+    name, low, high, multiple = _dim_parts(dim, i, axis)
     size = int(x.shape[axis])
+    if size % multiple:
+        raise InputError(f"dynamic axis {name!r} must be a multiple of {multiple}, but the sample's size at input "
+                         f"{i} axis {axis} is {size}; give a sample whose size is a multiple of {multiple} "
+                         f"(e.g. {max(1, round(size / multiple)) * multiple}) or change the multiple")
     if not low <= size <= (high if high is not None else size):
         raise InputError(f"dynamic axis {name!r}: the sample's size {size} (input {i}, axis {axis}) is outside "
                          f"its range [{low}, {high}]")
@@ -95,25 +112,56 @@ def _add_axis(found: dict, i: int, axis: Any, dim: Any, x: torch.Tensor) -> dict
     if old is not None and old.size != size:
         raise InputError(f"dynamic axis {name!r} has size {old.size} at input {old.places[0][0]} axis "
                          f"{old.places[0][1]} but {size} at input {i} axis {axis}; axes sharing a name are one size")
+    if old is not None and old.multiple != multiple:
+        raise InputError(f"dynamic axis {name!r} is a multiple of {old.multiple} at input {old.places[0][0]} axis "
+                         f"{old.places[0][1]} but of {multiple} at input {i} axis {axis}; axes sharing a name are "
+                         "one size: give them the same multiple")
     places = (old.places if old else ()) + ((i, axis),)
     lo = max(low, old.low) if old else low
     hi = high if old is None or old.high is None else (old.high if high is None else min(high, old.high))
-    return {**found, name: DynamicAxis(name, places, size, lo, hi)}
+    return {**found, name: DynamicAxis(name, places, size, lo, hi, multiple)}
 
 
-def _dim_parts(dim: Any, i: int, axis: int) -> tuple[str, int, int | None]:
+def _dim_parts(dim: Any, i: int, axis: int) -> tuple[str, int, int | None, int]:
+    """(name, low, high, multiple) of one axis's spec: a name, ``"name*8"``, a ``torch.export.Dim`` or a
+    multiple of one (``Dim("hb", max=32) * 8``: named ``8*hb`` as torch names it, sizes 8 to 256)."""
     if isinstance(dim, str) and dim.isidentifier():
-        return dim, 1, None
+        return dim, 1, None, 1
     if dim is None:
-        return f"input{i}_axis{axis}", 1, None
+        return f"input{i}_axis{axis}", 1, None, 1
+    multiple = _multiple_of(dim, i, axis)
+    if multiple is not None:
+        return multiple
     name = getattr(dim, "__name__", None)
     if name is not None and hasattr(dim, "min"):  # torch.export.Dim("t", min=.., max=..)
-        low = int(getattr(dim, "min", 1) or 1)
-        high = getattr(dim, "max", None)
-        high = int(high) if high is not None and high < 2 ** 62 else None
-        return str(name), low, high
-    raise InputError(f"dynamic_shapes[{i}][{axis}] must be a name (an identifier such as 'time') or a "
-                     f"torch.export.Dim, got {dim!r}")
+        low, high = _dim_range(dim)
+        return str(name), low, high, 1
+    raise InputError(f"dynamic_shapes[{i}][{axis}] must be a name (an identifier such as 'time'), a name and a "
+                     f"multiple ('h*8'), a torch.export.Dim or a multiple of one (Dim('hb', max=32) * 8), got {dim!r}")
+
+
+def _dim_range(dim: Any) -> tuple[int, int | None]:
+    low = int(getattr(dim, "min", 1) or 1)
+    high = getattr(dim, "max", None)
+    return low, (int(high) if high is not None and high < 2 ** 62 else None)
+
+
+def _multiple_of(dim: Any, i: int, axis: int) -> tuple[str, int, int | None, int] | None:
+    """The parts of ``"h*8"`` or of a torch.export derived Dim (``root * 8``); None for other specs."""
+    if isinstance(dim, str):
+        name, star, times = dim.partition("*")
+        if star and name.strip().isidentifier() and times.strip().isdigit() and int(times) >= 1:
+            return name.strip(), int(times), None, int(times)
+        return None
+    root, fn = getattr(dim, "root", None), getattr(dim, "fn", None)
+    if root is None or not callable(fn):
+        return None
+    m = fn(1)
+    if not isinstance(m, int) or m < 1 or any(fn(k) != k * m for k in (0, 2, 3)) or not hasattr(root, "min"):
+        raise InputError(f"dynamic_shapes[{i}][{axis}]: the derived torch.export.Dim {dim.__name__!r} is not a "
+                         "multiple of its root; tracer takes Dim(name, ...) * N (a size that is a multiple of N)")
+    low, high = _dim_range(root)
+    return str(dim.__name__), low * m, None if high is None else high * m, m
 
 
 def resized(inputs: Sequence[torch.Tensor], dim: DynamicAxis, size: int) -> tuple[torch.Tensor, ...]:
@@ -166,10 +214,6 @@ def check_dynamic(graph: nx.DiGraph, dims: Sequence[DynamicAxis], recapture: Cal
                                   f"(sample {d.size}): {str(exc).splitlines()[0]}. Give the axis a range it runs in "
                                   "(torch.export.Dim(name, min=.., max=..)) or keep it static") from exc
         problems += compare_graphs(graph, other, d, others[0], changed)
-    for n in ordered(graph):
-        if n.target in _RESHAPES and len(changed.get(n.name, set()) - {0}) > 1:
-            problems.append(f"dynamic axes {', '.join(d.name for d in dims)}: {n.describe()}: a reshape whose "
-                            f"result axes {sorted(changed[n.name])} all change size; Keras can infer one (-1)")
     if problems:
         lines = "\n".join(f"  {k}. {p}" for k, p in enumerate(dict.fromkeys(problems), 1))
         raise ConversionError(f"{len(problems)} operation(s) would fix a dynamic size to the sample's; nothing "
@@ -228,10 +272,10 @@ def _reshape_difference(graph: nx.DiGraph, other: nx.DiGraph, n: OpNode, m: OpNo
     src_n, src_m = graph.nodes[n.inputs[0]]["op"], other.nodes[n.inputs[0]]["op"]
     if n.shape == (1, *(src_n.shape or ())) and m.shape == (1, *(src_m.shape or ())):
         return None  # x.unsqueeze(0) of a tensor without a batch axis (arange(T) positions): a new unit axis 0
-    if len(n.shape) != len(m.shape) or not src_n.shape or src_n.shape[0] != n.shape[0] or src_m.shape[0] != m.shape[0]:
-        return (f"a reshape that moves a dynamic size into another axis or the batch ({n.shape} -> {m.shape}); "
+    if len(n.shape) != len(m.shape) or not src_n.shape:
+        return (f"a reshape whose result has another rank at another size ({n.shape} -> {m.shape}); "
                 "its rule sets the sample's sizes")
-    return None
+    return None  # several dynamic result axes, or one moved into the batch: op_rules/dynamic_reshape.py
 
 
 def _key(value: Any) -> Any:

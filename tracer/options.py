@@ -40,9 +40,11 @@ def add_convert_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--capture", choices=["auto", "fx", "export"], default="auto",
                    help="auto (default): torch.fx, and torch.export when fx cannot trace the model "
                         "(data-dependent control flow, shape asserts); fx or export force one")
-    c.add_argument("--dynamic-axis", action="append", default=[], metavar="INPUT:AXIS[=NAME]",
+    c.add_argument("--dynamic-axis", action="append", default=[], metavar="INPUT:AXIS[=NAME[*MULTIPLE]]",
                    help="a torch axis (besides the batch) of input INPUT (0-based) whose size may change, e.g. "
-                        "0:3=time; axes sharing a NAME are one size; repeatable")
+                        "0:3=time; axes sharing a NAME are one size; NAME*MULTIPLE (0:2=h*8) says the size is "
+                        "always a multiple of MULTIPLE (a window size, a total stride): the input's size must "
+                        "be one and the model is checked at other multiples only; repeatable")
     c.add_argument("--no-saved-model", action="store_true", help="skip the TensorFlow SavedModel export")
     c.add_argument("--keep-on-mismatch", action="store_true", help="write the model even when parity fails")
     _add_tflite_arguments(c)
@@ -75,7 +77,8 @@ def convert_options() -> dict[str, argparse.Action]:
 
 
 def parse_dynamic_axes(texts: list[str], shapes: list[list[int]]) -> tuple[dict[int, str], ...] | None:
-    """``--dynamic-axis INPUT:AXIS[=NAME]`` values as ``convert_model``'s ``dynamic_shapes`` (None for none)."""
+    """``--dynamic-axis INPUT:AXIS[=NAME[*MULTIPLE]]`` values as ``convert_model``'s ``dynamic_shapes``
+    (None for none); a multiple stays in the name (``"h*8"``), which tracer/dynamic.py reads."""
     if not texts:
         return None
     found: list[dict[int, str]] = [{} for _ in shapes]
@@ -85,13 +88,24 @@ def parse_dynamic_axes(texts: list[str], shapes: list[list[int]]) -> tuple[dict[
         try:
             i, a = int(where), int(axis)
         except ValueError:
-            raise InputError(f"--dynamic-axis {text!r} must be INPUT:AXIS[=NAME], e.g. 0:3=time") from None
+            raise InputError(f"--dynamic-axis {text!r} must be INPUT:AXIS[=NAME[*MULTIPLE]], e.g. 0:3=time "
+                             "or 0:2=h*8") from None
         if not sep or not 0 <= i < len(shapes) or not -len(shapes[i]) <= a < len(shapes[i]):
             raise InputError(f"--dynamic-axis {text!r}: there is no input {where} with an axis {axis} "
                              f"(input shapes {', '.join('x'.join(map(str, s)) for s in shapes)})")
-        if a % len(shapes[i]) == 0:
+        a %= len(shapes[i])
+        if a == 0:
             raise InputError(f"--dynamic-axis {text!r}: axis 0 is the batch axis, which is always dynamic")
-        if name and not name.isidentifier():
-            raise InputError(f"--dynamic-axis {text!r}: the name {name!r} must be an identifier (letters, digits, _)")
-        found[i][a % len(shapes[i])] = name or f"input{i}_axis{a % len(shapes[i])}"
+        found[i][a] = _axis_name(text, name, f"input{i}_axis{a}")
     return tuple(found)
+
+
+def _axis_name(text: str, name: str, default: str) -> str:
+    """``NAME``, ``NAME*MULTIPLE`` or ``*MULTIPLE`` checked; the default name where none is given."""
+    base, star, times = name.partition("*")
+    if base and not base.isidentifier():
+        raise InputError(f"--dynamic-axis {text!r}: the name {base!r} must be an identifier (letters, digits, _)")
+    if star and (not times.isdigit() or int(times) < 1):
+        raise InputError(f"--dynamic-axis {text!r}: after '*' comes the number the size is a multiple of, a whole "
+                         f"number >= 1 (e.g. 0:2=h*8), not {times!r}")
+    return f"{base or default}*{int(times)}" if star else base or default

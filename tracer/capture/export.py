@@ -22,6 +22,7 @@ import os
 import re
 import traceback
 import warnings
+from dataclasses import replace
 from typing import Any, Sequence
 
 import networkx as nx
@@ -68,7 +69,7 @@ def capture_export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], rea
 def export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
            fx_error: Exception | None = None, dims: Sequence[DynamicAxis] = ()) -> ExportedProgram:
     try:
-        return torch.export.export(model, tuple(inputs), strict=False, dynamic_shapes=export_dims(inputs, dims, model))
+        return _export_with_multiples(model, inputs, dims)
     except Exception as exc:
         before = f"{fx_failure(model, fx_error)}; " if fx_error is not None else ""
         either = " either" if fx_error is not None else ""
@@ -78,11 +79,27 @@ def export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
                            f"{_first_line(exc)}{_where(exc)}{hint}") from exc
 
 
+def _export_with_multiples(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+                           dims: Sequence[DynamicAxis]) -> ExportedProgram:
+    """Export with the multiples as derived Dims; where torch refuses them (a size the model specializes or
+    guards beyond the multiple: "Constraints violated"), again with ``Dim.AUTO`` on every axis, as without
+    multiples, so tracer's runs at other sizes name the user's line instead of torch's constraint solver."""
+    try:
+        return torch.export.export(model, tuple(inputs), strict=False, dynamic_shapes=export_dims(inputs, dims, model))
+    except Exception as exc:
+        if not any(d.multiple > 1 for d in dims) or "constraints violated" not in str(exc).lower():
+            raise
+    plain = [replace(d, multiple=1) for d in dims]
+    return torch.export.export(model, tuple(inputs), strict=False, dynamic_shapes=export_dims(inputs, plain, model))
+
+
 def export_dims(inputs: Sequence[Any], dims: Sequence[DynamicAxis], model: torch.nn.Module | None = None) -> tuple | None:
     """torch.export's ``dynamic_shapes`` for ``dims``: ``Dim.AUTO`` on each dynamic axis, so export infers
     the guards (``T // 2 != 1``, axes that must be equal) instead of refusing the model; the range the user
     gave is held by tracer's own runs at other sizes (tracer/dynamic.py), and an axis export specializes
     shows up there as a size baked into the graph. The batch stays static (handled from recorded shapes).
+    An axis that is a multiple of a number gets a derived Dim instead (``Dim(name, min, max) * multiple``), so
+    export keeps its size symbolic as that multiple and folds what that implies (``W % 8`` is 0).
 
     torch.export matches the spec to ``model.forward``'s signature: a ``*args`` parameter takes one tuple
     holding the specs of all the inputs it collects (``forward(self, x, *rest)``: ``(spec0, (spec1, ...))``);
@@ -91,13 +108,24 @@ def export_dims(inputs: Sequence[Any], dims: Sequence[DynamicAxis], model: torch
         return None
     spec: list[dict] = [{} for _ in inputs]
     for d in dims:
+        dim = _export_dim(d)
         for i, axis in d.places:
-            spec[i][axis] = torch.export.Dim.AUTO
+            spec[i][axis] = dim
     flat = [s or None for s in spec]
     star = _varargs_position(model) if model is not None else None
     if star is None or star > len(flat):
         return tuple(flat)
     return (*flat[:star], tuple(flat[star:]))
+
+
+def _export_dim(d: DynamicAxis) -> Any:
+    """``Dim.AUTO``, or for a multiple the derived Dim of the number of multiples in the axis's range."""
+    if d.multiple == 1:
+        return torch.export.Dim.AUTO
+    low = -(-max(1, d.low) // d.multiple)
+    high = None if d.high is None else d.high // d.multiple
+    root = torch.export.Dim("q_" + re.sub(r"\W", "_", d.name), min=low, **({} if high is None else {"max": high}))
+    return root * d.multiple
 
 
 def _varargs_position(model: torch.nn.Module) -> int | None:

@@ -75,24 +75,32 @@ def _values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any] | None:
 
 def size_changes(gm: fx.GraphModule, inputs: Sequence[Any], dims: Sequence[DynamicAxis]) -> dict[str, Any]:
     """Node name -> which parts of its non-tensor result follow a dynamic axis: True for a number,
-    a tuple of bools for a shape. {} without dynamic axes."""
+    a tuple of bools for a shape. {} without dynamic axes. Compared with a run at each other size of
+    each axis (:meth:`DynamicAxis.others`), the masks merged."""
     if not dims:
         return {}
     base = _values(gm, inputs)
     if base is None:
         return {}
     changed: dict[str, Any] = {}
-    for d in dims:  # the other size: the first the tester tries, or the sample's when capturing at that one
-        i, axis = d.places[0]
-        others = d.others() if int(inputs[i].shape[axis]) == d.size else [d.size]
-        alt = _values(gm, resized(inputs, d, others[0])) if others else None
-        for name, value in (base.items() if alt is not None else ()):
-            mask = _differs(value, alt.get(name))
-            if mask is not None:
-                old = changed.get(name)
-                changed[name] = mask if old is None or mask is True or old is True else tuple(
-                    p or q for p, q in zip(old, mask))
+    for d in dims:
+        for size in _sizes_to_compare(inputs, d):
+            alt = _values(gm, resized(inputs, d, size))
+            for name, value in (base.items() if alt is not None else ()):
+                mask = _differs(value, alt.get(name))
+                if mask is not None:
+                    old = changed.get(name)
+                    changed[name] = mask if old is None or mask is True or old is True else tuple(
+                        p or q for p, q in zip(old, mask))
     return changed
+
+
+def _sizes_to_compare(inputs: Sequence[Any], d: DynamicAxis) -> list[int]:
+    """Every size the tester tries besides the one ``inputs`` have (the sample's, or another when capturing
+    at that one): a size such as ``(7 - W % 7) % 7`` is the same at 2x and differs only at an odd size."""
+    i, axis = d.places[0]
+    current = int(inputs[i].shape[axis])
+    return [c for c in dict.fromkeys((d.size, *d.others())) if c != current]
 
 
 def _differs(a: Any, b: Any) -> Any:
