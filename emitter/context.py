@@ -68,6 +68,7 @@ class Emit:
         base = node.module_path if node.kind == "call_module" else (
             f"{node.module_path}.{node.name}" if node.module_path else node.name)
         base = re.sub(r"[^A-Za-z0-9_.\-]", "_", base + (f".{suffix}" if suffix else "")) or "op"
+        base = base if base[0].isalnum() else f"op{base}"  # TensorFlow's root scope names start alphanumeric
         name, k = base, 1
         while name in self._names or L.name_taken(name):
             k += 1

@@ -17,7 +17,7 @@ from tracer.op_rules import activation, conv, elementwise, linear, norm, pooling
 from tracer.op_rules import misc_ops  # noqa: E402,F401
 from tracer.op_rules import attention, matmul, norm_layers, tensor_ops  # noqa: E402,F401
 from tracer.op_rules import library  # noqa: E402,F401  (torchvision's ops, by import path)
-from tracer.op_rules import embedding, logic  # noqa: E402,F401
+from tracer.op_rules import embedding, logic, scatter  # noqa: E402,F401
 from tracer.op_rules import recurrent, recurrent_cells  # noqa: E402,F401
 from tracer.op_rules import aten  # noqa: E402,F401  (last: maps ATen ops onto the rules above)
 

@@ -16,7 +16,8 @@ import torch.nn as nn
 from tracer.emitter import layers as L
 from tracer.emitter.context import Emit
 from tracer.op_rules.registry import Layout, rule
-from tracer.op_rules.sizes import dynamic_slices, has_dynamic_size, unfold_batch
+from tracer.op_rules.dynamic_reshape import gathered_reshape, gathers, needs_gather, unit_axes
+from tracer.op_rules.sizes import dynamic_slices, has_dynamic_size, unfold_batch, unfolds_batch
 from tracer.ir import OpNode, Phys, Ref, op
 from tracer.passes.layout import drop_dims, permute_layout, regrouped_layout, reshape_layout, same_layout
 
@@ -24,6 +25,8 @@ from tracer.passes.layout import drop_dims, permute_layout, regrouped_layout, re
 def _reshape_layout(node: OpNode, ins: list, shapes: list) -> tuple[list, Phys]:
     phys = ins[0] if ins[0] is not None else Phys.identity(len(shapes[0]))
     found = reshape_layout(shapes[0], phys, node.shape) or regrouped_layout(shapes[0], phys, node.shape)
+    if gathers(node) and phys.flat is None:  # a gather reads any layout and writes any: no transpose
+        return [phys], found[1] if found is not None and found[1].flat is None else Phys.identity(node.rank)
     if found is None:
         return [Phys.identity(len(shapes[0]))], Phys.identity(node.rank)
     req, out = found
@@ -42,9 +45,13 @@ def reshape(node: OpNode, ctx: Emit) -> Any:
         target = phys.keras_shape(node.shape)
     in_shape = op(ctx.graph, node.inputs[0]).shape
     size = node.kw.get("size", node.kw.get("shape"))
-    if has_dynamic_size(size) and in_shape[0] != node.shape[0]:  # (B * T, ...) -> (B, T, ...), T dynamic
+    if needs_gather(node, ctx) or gathers(node):  # more unknown sizes than a Keras reshape takes (op_rules/dynamic_reshape.py)
         from tracer.op_rules.tensor_ops import sample_batch
-        return unfold_batch(node, ctx, x, tuple(size), in_shape, sample_batch(ctx))
+        batch = sample_batch(ctx)
+        if unfolds_batch(node, size, in_shape, batch):  # (B * T, ...) -> (B, T, ...): rows gathered
+            return unfold_batch(node, ctx, x, tuple(size), in_shape, batch)
+        y = unit_axes(node, ctx, x, in_shape, target)  # only unit axes come or go: squeeze / expand_dims
+        return y if y is not None else gathered_reshape(node, ctx, x, size, batch)
     if tuple(target) == (1, *node.in_layouts[0].keras_shape(in_shape)):  # x.unsqueeze(0)
         return keras.ops.expand_dims(x, 0)
     if _moves_batch(in_shape, node.shape):

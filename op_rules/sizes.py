@@ -51,8 +51,10 @@ def witness(x: Any, keep: int) -> Any:
 def _refuse(node: OpNode, why: str) -> ConversionError:
     return ConversionError(f"{node.describe()}: {why}. tracer computes sizes that follow a dynamic axis at runtime "
                            "for sums, products, differences with a number and floor division by a number; keep "
-                           "that axis static (leave it out of dynamic_shapes / --dynamic-axis) or compute the size "
-                           "that way")
+                           "that axis static (leave it out of dynamic_shapes / --dynamic-axis), compute the size "
+                           "that way, or, where the model needs sizes that are multiples of a number (padding to a "
+                           "window or stride: x % k), declare the axis a multiple: dynamic_shapes={2: 'h*32'} / "
+                           "--dynamic-axis 0:2=h*32")
 
 
 def _operand(node: OpNode, ctx: Emit, v: Any) -> Any:
@@ -176,14 +178,17 @@ def dynamic_slices(node: OpNode, ctx: Emit, x: Any, index: list) -> tuple[Any, l
     return x, rest
 
 
+def unfolds_batch(node: OpNode, size: Any, in_shape: tuple, batch: int) -> bool:
+    """Whether a reshape is ``(B * T, ...) -> (B, T, ...)`` in PyTorch's layout, T a dynamic size."""
+    return isinstance(size, (tuple, list)) and [i for i, s in enumerate(size) if isinstance(s, Ref)] == [1] and \
+        size[0] == batch and node.layout.is_identity and node.in_layouts[0].is_identity and \
+        node.shape[0] * node.shape[1] == in_shape[0]
+
+
 def unfold_batch(node: OpNode, ctx: Emit, x: Any, size: tuple, in_shape: tuple, batch: int) -> Any:
     """``y.view(B, T, ...)`` of ``y`` (B * T, ...) whose rows fold a dynamic size T into the batch (a Linear
     run on ``x.view(-1, C)``, GPT-2's Conv1D): Keras cannot reshape to two unknown sizes, so the rows are
     gathered at ``b * T + t``."""
-    if [i for i, s in enumerate(size) if isinstance(s, Ref)] != [1] or size[0] != batch or not (
-            node.layout.is_identity and node.in_layouts[0].is_identity) or node.shape[0] * node.shape[1] != in_shape[0]:
-        raise _refuse(node, f"a reshape of {in_shape} to {node.shape} that splits the batch axis into the batch and "
-                            "sizes that follow dynamic axes (only (B * T, ...) -> (B, T, ...) is converted)")
     w = ctx.tensor_input(node, ctx.index_of(node, size[1]))
     n = keras.ops.cast(keras.ops.sum(w), "int32")
     rows = keras.ops.expand_dims(positions(witness(ctx.anchor, 0)), 1) * n + keras.ops.expand_dims(positions(w), 0)

@@ -208,15 +208,19 @@ def roll(node: OpNode, ctx: Emit) -> Any:
 
 
 def _roll_axis(x: Any, shift: int, n: int, axis: int, rank: int) -> Any:
-    """Roll as two slices and a concatenation: ``tf.roll`` is no TFLite builtin op (Flex only)."""
-    shift %= n
+    """Roll as two slices and a concatenation: ``tf.roll`` is no TFLite builtin op (Flex only). The
+    slice bounds count from the end for a positive shift and from the start for a negative one, so they
+    hold at every size of a dynamic axis longer than the shift (Swin's cyclic shift)."""
+    if not -n < shift < n:
+        shift %= n
     if shift == 0:
         return x
     axis %= rank
     if axis == 0:
         raise NotImplementedError("roll over the batch axis")
     head, tail = [slice(None)] * rank, [slice(None)] * rank
-    head[axis], tail[axis] = slice(n - shift, None), slice(0, n - shift)
+    k = shift if shift > 0 else -shift  # right by k: x[-k:] then x[:-k]; left by k: x[k:] then x[:k]
+    head[axis], tail[axis] = (slice(-k, None), slice(0, -k)) if shift > 0 else (slice(k, None), slice(0, k))
     return keras.ops.concatenate([x[tuple(head)], x[tuple(tail)]], axis=axis)
 
 

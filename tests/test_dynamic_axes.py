@@ -143,19 +143,6 @@ def test_reshape_folding_a_dynamic_size_into_the_batch_converts():
     assert [t.outputs[0].shape for t in result.report.trials if "=" in t.label] == [(20, 3), (14, 3)]
 
 
-class TwoDynamicReshapeAxes(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], x.shape[2], 1) * 2  # the reshape line
-
-
-def test_reshape_with_two_dynamic_axes_refused():
-    torch.manual_seed(11)
-    with pytest.raises(ConversionError) as err:
-        _convert(TwoDynamicReshapeAxes(), torch.randn(2, 5, 6), {1: "h", 2: "w"})
-    text = str(err.value)
-    assert "the reshape line" in text and "all change size" in text and "dynamic axes h, w" in text
-
-
 def test_token_model_arange_positions_convert():
     """``torch.arange(ids.shape[1])`` is computed at runtime (tests/test_dynamic_sizes.py has LiteRT too)."""
     torch.manual_seed(6)
