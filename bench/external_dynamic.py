@@ -106,6 +106,20 @@ def seq_both(sample: Any) -> tuple:
     seq = torch.export.Dim("seq", min=2, max=64)
     return ({1: seq}, {1: seq})
 
+
+def hw32(sample: Any) -> tuple:
+    """Height and width, each a multiple of 32."""
+    return ({2: "h*32", 3: "w*32"},)
+
+
+def swin_small_cfg() -> tuple:
+    """torchvision's SwinTransformer (shifted windows, patch merging) in a small configuration, 64x64."""
+    import torch
+    from torchvision.models.swin_transformer import SwinTransformer
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                            stochastic_depth_prob=0.0, num_classes=10)
+    return model, torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
 # name -> (family, builder, dynamic_shapes(sample), expected: "ok" or "refused")
 MODELS: dict[str, tuple[str, Callable, Callable, str]] = {
     "resnet18": ("tv-cls", _ext("resnet18"), hw, "ok"),
@@ -134,7 +148,11 @@ MODELS: dict[str, tuple[str, Callable, Callable, str]] = {
     "lstm_seq_first": ("rnn", _ext("lstm_seq_first"), axis(0, "time"), "ok"),  # (T, B, C): time is torch axis 0
     "crnn_kws": ("rnn", crnn_kws_example, axis(3, "time"), "ok"),
     "crnn_gru_last": ("rnn", _ext("crnn_kws"), axis(3, "time"), "ok"),
+    # windowed attention: H and W multiples of 32 (patch 4, one merge, window 4), so every stage tiles its windows
+    "swin_small_cfg": ("tv-cls", swin_small_cfg, hw32, "ok"),
+    "hf_swin": ("hf-img", _ext("hf_swin"), hw32, "ok"),
 }
+
 
 
 @dataclass
