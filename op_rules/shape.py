@@ -45,7 +45,7 @@ def reshape(node: OpNode, ctx: Emit) -> Any:
         target = phys.keras_shape(node.shape)
     in_shape = op(ctx.graph, node.inputs[0]).shape
     size = node.kw.get("size", node.kw.get("shape"))
-    if needs_gather(node, ctx) or gathers(node):  # more unknown sizes than a Keras reshape takes (op_rules/dynamic_reshape.py)
+    if needs_gather(node, ctx) or gathers(node):  # more unknown sizes than a Keras reshape takes
         from tracer.op_rules.tensor_ops import sample_batch
         batch = sample_batch(ctx)
         if unfolds_batch(node, size, in_shape, batch):  # (B * T, ...) -> (B, T, ...): rows gathered

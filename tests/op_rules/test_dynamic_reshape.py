@@ -86,3 +86,23 @@ def test_inferred_dynamic_axis_beside_another_refused_naming_the_line():
         convert_dynamic(InferredDynamic(), torch.randn(2, 5, 6), ({1: "h", 2: "w"},))
     text = str(err.value)
     assert "the inferred line" in text and "instead of -1" in text
+
+
+class Windows(nn.Module):
+    """Windows of 4 without padding: PyTorch runs it only at multiples of 4."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        y = x.view(b, h // 4, 4, w // 4, 4, c).permute(0, 1, 3, 2, 4, 5)  # the window line
+        return y.reshape(b, h, w, c) * 2
+
+
+def test_windows_at_multiples_convert_and_other_sizes_are_refused_naming_the_line():
+    torch.manual_seed(6)
+    result = convert_dynamic(Windows(), torch.randn(2, 8, 12, 3), ({1: "h*4", 2: "w*4"},))
+    for name in ("h", "w"):
+        assert_parity_at_sizes(result, name)
+    with pytest.raises(ConversionError) as err:
+        convert_dynamic(Windows(), torch.randn(2, 8, 12, 3), ({1: "h", 2: "w"},))
+    text = str(err.value)
+    assert "PyTorch itself fails at h=13" in text and "the window line" in text and "h*K" in text

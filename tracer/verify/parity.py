@@ -186,6 +186,14 @@ def _torch_trial(model: torch.nn.Module, inputs: Sequence[np.ndarray], label: st
     except Exception as exc:  # noqa: BLE001  (any error of the user's forward)
         if not sample:
             raise
+        if "=" in label:  # another size of a dynamic axis (tracer/dynamic.py): "h=13"
+            name = label.split("=")[0]
+            raise ConversionError(
+                f"dynamic axis {name!r}: PyTorch itself fails at {label}{_user_frame(exc)}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. If the model needs sizes that are "
+                f"multiples of a number (windows, strides), declare it: dynamic_shapes={{axis: '{name}*K'}} / "
+                f"--dynamic-axis INPUT:AXIS={name}*K; else give the axis a range it runs in "
+                "(torch.export.Dim(name, min=.., max=..)) or keep it static") from exc
         b, n = (x.shape[axis] if getattr(x, "ndim", 0) > axis else None for x in (sample[0], inputs[0]))
         if b == n:
             raise
