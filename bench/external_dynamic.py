@@ -243,12 +243,13 @@ def convert_one(name: str, tflite: bool = True, odd: bool = True) -> Row:
 
 def odd_sizes(shapes: list[tuple], dims: list) -> list[tuple[str, list[tuple]]]:
     """(label, input shapes) at one more odd size per dynamic name besides the converter's own (2x, and 1.5x
-    rounded up to odd): the sample + 1, the nearest size to the sample whose parity differs, where strided
-    windows and padding that depend on the size's parity show up. [] where the range holds no such size."""
+    rounded up to odd): the sample + 1 (one more multiple for an axis declared "h*32"), the nearest size whose
+    parity differs, where strided windows and padding that depend on the size's parity show up. [] where the range holds no such size."""
     from tracer.dynamic import resized_shapes
     out = []
     for d in dims:
-        odd = d.size + 1 if d.size % 2 == 0 else d.size + 2
+        k = getattr(d, "multiple", 1)  # an axis declared a multiple ("h*32") is promised multiples only
+        odd = d.size + k if (d.size // k) % 2 == 0 else d.size + 2 * k
         if odd not in d.others() and (d.high is None or odd <= d.high):
             out.append((f"{d.name}={odd}", resized_shapes(shapes, d, odd)))
     return out

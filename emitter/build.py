@@ -9,6 +9,7 @@ import networkx as nx
 from tracer.emitter.context import Emit
 from tracer.fixes.deep_graphs import recursion_room
 from tracer.op_rules.registry import lookup
+from tracer.op_rules.sizes import witness
 from tracer.errors import ConversionError, TracerError
 from tracer.ir import OpNode, Ref, ordered
 
@@ -29,9 +30,9 @@ def build_model(graph: nx.DiGraph, name: str = "converted",
             t = keras.Input(shape=_input_shape(node, graph.graph.get("dynamic_axes", {}).get(node.name, {})),
                             name=node.name,
                             dtype=_KERAS_DTYPES.get(node.dtype or "float32", "float32"))
-            ctx.tensors[node.name] = t
             inputs.append(t)
             ctx.anchor = ctx.anchor if ctx.anchor is not None else t
+            ctx.tensors[node.name] = _held_to_multiples(t, node, graph.graph.get("dynamic_multiples", {}))
         elif node.is_constant:
             continue
         elif node.kind == "output":
@@ -51,6 +52,21 @@ def _input_shape(node: OpNode, dynamic: dict[int, str]) -> tuple:
     for axis in dynamic:
         shape[node.layout.axis(axis)] = None
     return tuple(shape[1:])
+
+
+def _held_to_multiples(t: Any, node: OpNode, multiples: dict[str, dict[int, int]]) -> Any:
+    """``t`` times a one computed from ones along each axis declared a multiple of ``k`` (``"h*32"``) reshaped
+    to ``(-1, k)``: at a size that is not a multiple the reshape fails at run time, in Keras
+    and in LiteRT, instead of the model computing wrong numbers (windows and paddings were converted for
+    multiples only). Exact at every multiple."""
+    for axis, k in multiples.get(node.name, {}).items():
+        keras_axis = node.layout.axis(axis)
+        w = witness(t, keras_axis)
+        one = keras.ops.min(keras.ops.max(keras.ops.reshape(w, (-1, k)), axis=1))  # a reduction keeps the reshape
+        ones = keras.ops.reshape(one, [1] * node.rank)
+        t = keras.ops.logical_and(t, keras.ops.cast(ones, "bool")) if t.dtype == "bool" else keras.ops.multiply(
+            t, keras.ops.cast(ones, t.dtype))
+    return t
 
 
 def _emit_node(node: OpNode, ctx: Emit) -> Any:

@@ -101,3 +101,25 @@ def test_export_gets_a_derived_dim_and_falls_back_where_torch_refuses_it():
     ep = export(PaddedCNN(), (x,), dims=dims)
     assert any("4*" in str(k) for k in ep.range_constraints), ep.range_constraints
     export(SizeSwitch(), (torch.randn(1, 2, 16),), dims=parse_dynamic_shapes(({2: "t*4"},), [torch.randn(1, 2, 16)]))
+
+
+def test_a_size_that_is_not_a_multiple_fails_loudly_in_keras_and_litert():
+    """Converted for multiples of 4 only: at 18 the model must raise, not compute wrong numbers."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    torch.manual_seed(9)
+    result = convert_dynamic(PaddedCNN(), torch.randn(1, 3, 16, 12), ({2: "h*4", 3: "w*4"},))
+    x = np.random.default_rng(0).standard_normal((1, 3, 18, 12)).astype(np.float32)
+    with pytest.raises(Exception, match="reshape"):
+        result.keras_model(x)
+    lite = Interpreter(model_content=result.tflite["fp32"])
+    lite.resize_tensor_input(lite.get_input_details()[0]["index"], list(x.shape))
+    with pytest.raises(Exception):
+        lite.allocate_tensors()
+        lite.set_tensor(lite.get_input_details()[0]["index"], x)
+        lite.invoke()
+    lite.resize_tensor_input(lite.get_input_details()[0]["index"], [1, 3, 20, 12])  # a multiple runs
+    lite.allocate_tensors()
+    lite.set_tensor(lite.get_input_details()[0]["index"], x[:, :, :12].repeat(2, axis=2)[:, :, :20])
+    lite.invoke()

@@ -17,7 +17,7 @@ from tracer.emitter.layers import load_needs
 from tracer.op_rules.embedding import tied_weights
 from tracer.op_rules.registry import has_module_rule, lookup
 from tracer.capture.fx import capture as capture_graph
-from tracer.dynamic import check_dynamic, parity_shapes, parse_dynamic_shapes, placeholder_axes
+from tracer.dynamic import check_dynamic, parity_shapes, parse_dynamic_shapes, placeholder_axes, placeholder_multiples
 from tracer.errors import InputError, ParityError
 from tracer.ir import Phys, ordered, target_name
 from tracer.verify.trainable import note_frozen
@@ -121,7 +121,8 @@ def convert_model(model: torch.nn.Module, sample_input: Any, *, channels_last_io
         with say.stage("passes"):
             graph = run_passes(graph, channels_last_io, fold_bn)
         _refuse_dynamic_batch(graph, dims)
-        graph.graph.update(dynamic_axes=placeholder_axes(graph, dims), dynamic_dims=dynamic_dims)
+        graph.graph.update(dynamic_axes=placeholder_axes(graph, dims), dynamic_dims=dynamic_dims,
+                           dynamic_multiples=placeholder_multiples(graph, dims))
         n_nodes = sum(1 for n in ordered(graph) if n.kind.startswith("call"))
         with say.stage("emission", f"Keras for {n_nodes} operations"):
             keras_model, ctx = build_model(graph, name=type(model).__name__, progress=say.advance)

@@ -196,6 +196,16 @@ def placeholder_axes(graph: nx.DiGraph, dims: Sequence[DynamicAxis]) -> dict[str
     return out
 
 
+def placeholder_multiples(graph: nx.DiGraph, dims: Sequence[DynamicAxis]) -> dict[str, dict[int, int]]:
+    """Placeholder node name -> {torch axis: the multiple its size must be}, for axes declared ``"h*32"``."""
+    names = [n.name for n in ordered(graph) if n.kind == "placeholder"]
+    out: dict[str, dict[int, int]] = {}
+    for d in dims:
+        for i, axis in d.places if d.multiple > 1 else ():
+            out.setdefault(names[i], {})[axis] = d.multiple
+    return out
+
+
 def check_dynamic(graph: nx.DiGraph, dims: Sequence[DynamicAxis], recapture: Callable[[tuple], nx.DiGraph],
                   inputs: Sequence[torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Capture again per dynamic name at another size and refuse (one error) what would bake the sample's size.
