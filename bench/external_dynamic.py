@@ -244,7 +244,8 @@ def convert_one(name: str, tflite: bool = True, odd: bool = True) -> Row:
 def odd_sizes(shapes: list[tuple], dims: list) -> list[tuple[str, list[tuple]]]:
     """(label, input shapes) at one more odd size per dynamic name besides the converter's own (2x, and 1.5x
     rounded up to odd): the sample + 1 (one more multiple for an axis declared "h*32"), the nearest size whose
-    parity differs, where strided windows and padding that depend on the size's parity show up. [] where the range holds no such size."""
+    parity differs, where strided windows and padding that depend on the size's parity show up. [] where the
+    range holds no such size."""
     from tracer.dynamic import resized_shapes
     out = []
     for d in dims:
