@@ -22,7 +22,6 @@ from tracer.op_rules.sizes import positions, witness
 
 aten = torch.ops.aten
 _BIG = 2 ** 62  # ATen writes sys.maxsize for "to the end"
-_KERAS_DTYPE = {"float64": "float32", "int64": "int32"}
 
 
 @rule(aten.copy.default, layout=Layout.TORCH)
